@@ -1,0 +1,72 @@
+"""Read exactly the params a stage declares in ``dvc.yaml``.
+
+A stage asks for its params by stage name; what it gets holds only the keys that
+``dvc.yaml`` lists under that stage's ``params``. Reading anything else raises, so a
+stage cannot silently depend on a param whose change would not rerun it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from skinlesion import PipelineError
+
+
+class DeclaredParams(dict):
+    """A params mapping that names the stage when code reads an undeclared key."""
+
+    def __init__(self, stage: str, values: dict):
+        super().__init__(values)
+        self.stage = stage
+
+    def __missing__(self, key):
+        raise PipelineError(
+            f"stage '{self.stage}' read param '{key}', which dvc.yaml does not declare "
+            f"for it; add it to the stage's params in dvc.yaml"
+        )
+
+
+def _declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
+    try:
+        spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{dvc_yaml} not found; run stages from the project root") from None
+    stages = spec.get("stages", {})
+    if stage not in stages:
+        raise PipelineError(f"{dvc_yaml} has no stage '{stage}' (stages: {', '.join(stages)})")
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        else:  # {params-file: [keys]}: only params.yaml is used here
+            for file, names in entry.items():
+                if Path(file).name != "params.yaml":
+                    raise PipelineError(f"stage '{stage}': params file {file} is not supported")
+                keys.extend(names)
+    return keys
+
+
+def load(stage: str, root: str | Path = ".") -> DeclaredParams:
+    """Return the params ``stage`` declares, with dotted keys nested as in params.yaml."""
+    root = Path(root)
+    params_file = root / "params.yaml"
+    try:
+        values = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{params_file} not found; run stages from the project root") from None
+    declared: dict[str, Any] = {}
+    for key in _declared_keys(stage, root / "dvc.yaml"):
+        node: Any = values
+        parts = key.split(".")
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                raise PipelineError(f"params.yaml has no '{key}', which stage '{stage}' declares")
+            node = node[part]
+        target = declared
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = node
+    return DeclaredParams(stage, declared)

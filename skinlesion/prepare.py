@@ -1,0 +1,97 @@
+"""Decode and resize every image once, to the working resolution.
+
+Training reads ``images.npy`` (uint8, N x S x S x 3, memory-mapped) instead of
+decoding JPEGs every epoch; decoding a 600x450 JPEG costs more than a small
+model's forward pass on CPU. Masks go to ``masks.npy`` (0/1) for the explain stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from skinlesion import CLASSES, PipelineError, metadata
+from skinlesion.files import atomic_dir, write_csv
+from skinlesion.progress import bar
+
+log = logging.getLogger(__name__)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """An RGB image as uint8 ``size x size x 3`` (squashed, not cropped, so nothing
+    at the lesion's edge is lost; HAM10000's 4:3 frames become square)."""
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
+        return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+
+
+def load_mask(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as mask:
+        grey = mask.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    return (np.asarray(grey) >= 128).astype(np.uint8)
+
+
+def check_size(size) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 1024:
+        raise PipelineError(f"prepare.image_size is {size!r}; expected a whole number of pixels from 16 to 1024")
+    return size
+
+
+def prepare(raw: Path, out: Path, size) -> dict:
+    size = check_size(size)
+    raw = Path(raw)
+    frame = metadata.read(raw / "metadata.csv")
+    count = len(frame)
+    with atomic_dir(out) as building:
+        images = np.lib.format.open_memmap(building / "images.npy", "w+", np.uint8, (count, size, size, 3))
+        masks = np.lib.format.open_memmap(building / "masks.npy", "w+", np.uint8, (count, size, size))
+        has_mask = np.zeros(count, dtype=bool)
+
+        def work(row: int) -> None:
+            image_id = frame.at[row, "image_id"]
+            try:
+                images[row] = load_image(raw / "images" / f"{image_id}.jpg", size)
+                mask_path = raw / "masks" / f"{image_id}.png"
+                if mask_path.exists():
+                    masks[row] = load_mask(mask_path, size)
+                    has_mask[row] = True
+            except (OSError, ValueError) as error:
+                raise PipelineError(f"{raw / 'images' / image_id}.jpg: {error}") from None
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for _ in bar(pool.map(work, range(count)), total=count, desc=f"resize to {size}px", unit="img"):
+                pass
+        images.flush()
+        masks.flush()
+        del images, masks
+        index = frame.loc[:, ["image_id", "lesion_id", "dx"]].copy()
+        index["label"] = index["dx"].map(CLASSES.index)
+        index["has_mask"] = has_mask.astype(int)
+        write_csv(building / "index.csv", index)
+    log.info("prepared %d images at %dx%d, %d with masks", count, size, size, int(has_mask.sum()))
+    return {"images": count, "image_size": size, "masks": int(has_mask.sum())}
+
+
+class Prepared:
+    """The prepared arrays, memory-mapped, with a lookup from image_id to row."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        import pandas as pd
+
+        self.index = pd.read_csv(folder / "index.csv", dtype={"image_id": str, "lesion_id": str})
+        self.images = np.load(folder / "images.npy", mmap_mode="r")
+        self.masks = np.load(folder / "masks.npy", mmap_mode="r")
+        self.row = {image_id: row for row, image_id in enumerate(self.index["image_id"])}
+
+    def rows(self, image_ids) -> np.ndarray:
+        try:
+            return np.array([self.row[image_id] for image_id in image_ids], dtype=np.int64)
+        except KeyError as error:
+            raise PipelineError(f"image {error.args[0]} is not in the prepared data; rerun "
+                                f"`dvc repro prepare`") from None

@@ -1,0 +1,84 @@
+"""Train/validation/test split, stratified by diagnosis and grouped by lesion.
+
+HAM10000 has 10,015 images of 7,470 lesions: splitting images instead of lesions
+puts near-identical photographs of one lesion on both sides and inflates every
+score. Lesions are split, stratified by their diagnosis, and their images follow.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from skinlesion import CLASSES, PipelineError
+
+SPLITS = ("train", "val", "test")
+
+
+def _check_fractions(val_fraction, test_fraction) -> None:
+    for name, value in (("split.val_fraction", val_fraction), ("split.test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+            raise PipelineError(f"{name} is {value!r}; expected a number between 0 and 1")
+    if val_fraction + test_fraction >= 1:
+        raise PipelineError(f"split.val_fraction + split.test_fraction = {val_fraction + test_fraction}; "
+                            f"they must leave something to train on")
+
+
+def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Return the image manifests {train, val, test}, each sorted by image_id with
+    columns image_id, lesion_id, dx, label."""
+    _check_fractions(val_fraction, test_fraction)
+    lesions = frame.groupby("lesion_id")["dx"].first().sort_index()
+    per_class = lesions.value_counts()
+    too_few = [f"{dx} ({per_class.get(dx, 0)})" for dx in CLASSES if per_class.get(dx, 0) < 3]
+    if too_few:
+        raise PipelineError(f"classes with fewer than 3 lesions cannot be split three ways: {', '.join(too_few)}")
+    count = len(lesions)
+    test_count, val_count = round(test_fraction * count), round(val_fraction * count)
+    try:
+        rest, test = train_test_split(lesions.index, test_size=test_count, stratify=lesions.values,
+                                      random_state=seed)
+        train, val = train_test_split(rest, test_size=val_count, stratify=lesions[rest].values,
+                                      random_state=seed)
+    except ValueError as error:
+        raise PipelineError(f"cannot split {count} lesions with these fractions: {error}") from None
+    manifests = {}
+    for name, members in zip(SPLITS, (train, val, test)):
+        part = frame[frame["lesion_id"].isin(set(members))].loc[:, ["image_id", "lesion_id", "dx"]]
+        part = part.sort_values("image_id", kind="stable").reset_index(drop=True)
+        part["label"] = part["dx"].map(CLASSES.index)
+        absent = [dx for dx in CLASSES if dx not in set(part["dx"])]
+        if absent:
+            raise PipelineError(f"the {name} split has no lesion of class(es) {', '.join(absent)}; "
+                                f"use more data or larger fractions")
+        manifests[name] = part
+    check_disjoint(manifests, total=len(frame))
+    return manifests
+
+
+def shared_lesions(manifests: dict[str, pd.DataFrame]) -> dict[str, int]:
+    return {f"{a}-{b}": len(set(manifests[a]["lesion_id"]) & set(manifests[b]["lesion_id"]))
+            for a, b in combinations(SPLITS, 2)}
+
+
+def check_disjoint(manifests: dict[str, pd.DataFrame], total: int) -> None:
+    """Fail loudly if any lesion is on two sides, or images were lost or doubled."""
+    leaks = {pair: n for pair, n in shared_lesions(manifests).items() if n}
+    if leaks:
+        raise AssertionError(f"lesions shared between splits: {leaks}")
+    images = sum(len(m) for m in manifests.values())
+    if images != total or len(set().union(*(set(m["image_id"]) for m in manifests.values()))) != total:
+        raise AssertionError(f"split holds {images} images, metadata {total}")
+
+
+def summary(manifests: dict[str, pd.DataFrame]) -> dict:
+    """Per-split image, lesion and class counts, and the lesions shared (always 0)."""
+    result = {}
+    for name, part in manifests.items():
+        counts = part["dx"].value_counts()
+        result[name] = {"images": len(part), "lesions": int(part["lesion_id"].nunique()),
+                        "classes": {dx: int(counts.get(dx, 0)) for dx in CLASSES}}
+    result["shared_lesions"] = shared_lesions(manifests)
+    return result

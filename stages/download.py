@@ -1,0 +1,15 @@
+"""DVC stage `download`: bring HAM10000 into data/raw/ (skinlesion.sources)."""
+
+from pathlib import Path
+
+from skinlesion import sources
+from skinlesion.cli import run_stage
+
+
+def main(params):
+    settings = params["download"]
+    sources.download(settings, out=Path("data/raw"), cache=Path(settings["cache_dir"]))
+
+
+if __name__ == "__main__":
+    run_stage("download", main)

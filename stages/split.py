@@ -1,0 +1,29 @@
+"""DVC stage `split`: lesion-grouped, stratified train/val/test manifests (skinlesion.splitting)."""
+
+import logging
+from pathlib import Path
+
+from skinlesion import metadata, plots, splitting
+from skinlesion.cli import run_stage
+from skinlesion.files import atomic_dir, write_csv, write_json
+
+
+def main(params):
+    settings = params["split"]
+    frame = metadata.read(Path("data/raw/metadata.csv"))
+    manifests = splitting.split(frame, settings["val_fraction"], settings["test_fraction"], settings["seed"])
+    with atomic_dir(Path("data/split")) as building:
+        for name, manifest in manifests.items():
+            write_csv(building / f"{name}.csv", manifest)
+    summary = splitting.summary(manifests)
+    write_json(Path("metrics/split.json"), summary)
+    plots.class_distribution({name: summary[name]["classes"] for name in splitting.SPLITS},
+                             Path("plots/split/class_distribution.png"),
+                             "Images per class in each split (lesion-grouped)")
+    for name in splitting.SPLITS:
+        logging.info("%-5s %5d images, %5d lesions", name, summary[name]["images"], summary[name]["lesions"])
+    logging.info("lesions shared between splits: %s", summary["shared_lesions"])
+
+
+if __name__ == "__main__":
+    run_stage("split", main)
