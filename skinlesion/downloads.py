@@ -19,21 +19,24 @@ from skinlesion.progress import bar
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # small reads: a cut connection loses at most this much of what arrived
 TIMEOUT = (15, 60)  # connect, read (seconds)
 
 
-def verify(path: Path, *, size: int | None = None, checksum: tuple[str, str] | None = None) -> None:
-    """Raise PipelineError unless ``path`` has the expected size and checksum."""
+def verify(path: Path, *, size: int | None = None, checksum: tuple[str, str] | None = None,
+           name: str | None = None) -> None:
+    """Raise PipelineError unless ``path`` has the expected size and checksum; messages
+    call the file ``name`` (default: its own name)."""
+    name = name or path.name
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
-        raise PipelineError(f"{path.name}: size {actual_size} bytes, expected {size}")
+        raise PipelineError(f"{name}: size {actual_size} bytes, expected {size}")
     if checksum is not None:
         algorithm, expected = checksum
         actual = file_digest(path, algorithm)
         if actual.lower() != expected.lower():
             raise PipelineError(
-                f"{path.name}: {algorithm} checksum mismatch (expected {expected}, got {actual})"
+                f"{name}: {algorithm} checksum mismatch (expected {expected}, got {actual})"
             )
 
 
@@ -83,7 +86,7 @@ def fetch(
                         dest.name, type(error).__name__, wait, attempt, retries)
             time.sleep(wait)
     try:
-        verify(part, size=size, checksum=checksum)
+        verify(part, size=size, checksum=checksum, name=dest.name)
     except PipelineError as error:
         part.unlink()
         raise PipelineError(f"{error}; the download was deleted. Run again to retry; if it "

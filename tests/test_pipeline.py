@@ -1,0 +1,93 @@
+"""The real DVC pipeline in a throwaway git repository, on synthetic data: it builds,
+each param reruns only what depends on it, outputs are byte-stable, and the run
+cache hits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import make_project, run, set_params
+
+DATA_STAGES = ["download", "prepare", "split", "balance"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def outs(project) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def project(synthetic_zips, tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("pipeline") / "project", synthetic_zips)
+    result = run(["dvc", "repro"], root)
+    assert ran(result.stdout) == DATA_STAGES
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "first run"], root)
+    return root
+
+
+def test_first_repro_builds_every_data_artifact(project, synthetic_zips):
+    for path in ["data/raw/metadata.csv", "data/prepared/images.npy", "data/split/test.csv",
+                 "data/balanced/images.npy", "data/balanced/train.csv",
+                 "plots/split/class_distribution.png", "plots/balance/augmented_montage.png"]:
+        assert (project / path).is_file(), path
+    split = json.loads((project / "metrics/split.json").read_text())
+    assert split["shared_lesions"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+    balance = json.loads((project / "metrics/balance.json").read_text())
+    assert set(balance["after"].values()) == {12} and balance["images"] == 84
+    assert ran(run(["dvc", "repro"], project).stdout) == []  # a second repro is a no-op
+
+
+def test_balance_param_reruns_only_balance(project):
+    before = outs(project)
+    set_params(project, {"balance.target_per_class": 9})
+    status = run(["dvc", "status", "--json"], project).stdout
+    assert set(json.loads(status)) == {"balance"}
+    result = run(["dvc", "repro"], project)
+    assert ran(result.stdout) == ["balance"]
+    after = outs(project)
+    changed = {path for path in after if after[path] != before[path]}
+    assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png"}
+    assert json.loads((project / "metrics/balance.json").read_text())["images"] == 63
+
+    # Back to the committed value: the run cache restores the old output without running.
+    run(["git", "checkout", "params.yaml"], project)
+    result = run(["dvc", "repro"], project)
+    assert ran(result.stdout) == [] and "balance" in result.stdout
+    assert outs(project) == before
+
+
+def test_forced_rerun_gives_byte_identical_outputs(project):
+    before = outs(project)
+    result = run(["dvc", "repro", "-f", "-s", "split"], project)
+    result2 = run(["dvc", "repro", "-f", "-s", "balance"], project)
+    assert ran(result.stdout) == ["split"] and ran(result2.stdout) == ["balance"]
+    assert outs(project) == before
+    assert run(["git", "status", "--porcelain"], project).stdout == ""  # metrics and plots unchanged too
+
+
+def test_experiment_on_working_size_skips_download_and_split(project):
+    result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
+    assert ran(result.stdout) == ["prepare", "balance"]
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "image_size" in shown
+    # `exp run` leaves its result in the workspace; put the committed state back.
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)
+
+
+def test_split_param_reruns_split_and_balance_only(project):
+    set_params(project, {"split.seed": 7})
+    try:
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance"]
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+        run(["dvc", "repro"], project)
