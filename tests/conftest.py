@@ -15,7 +15,7 @@ import yaml
 from skinlesion import synthetic
 
 PROJECT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "skinlesion", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "skinlesion", ".dvcignore", ".gitignore")
 
 # Progress bars would only clutter captured output.
 os.environ["SKINLESION_PROGRESS"] = "0"
@@ -70,6 +70,7 @@ def make_project(root: Path, source: Path, overrides: dict | None = None) -> Pat
             shutil.copy2(src, root / name)
     set_params(root, {"download.source": "local", "download.path": str(source),
                       "prepare.image_size": 32, "balance.target_per_class": 12,
+                      "train.epochs": 1, "train.batch_size": 16, "models.fixcaps.kernel": 9,
                       **(overrides or {})})
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import make_project, run, set_params
 
-DATA_STAGES = ["download", "prepare", "split", "balance"]
+STAGES = ["download", "prepare", "split", "balance", "train"]
 
 
 def ran(output: str) -> list[str]:
@@ -28,7 +28,7 @@ def outs(project) -> dict[str, str]:
 def project(synthetic_zips, tmp_path_factory):
     root = make_project(tmp_path_factory.mktemp("pipeline") / "project", synthetic_zips)
     result = run(["dvc", "repro"], root)
-    assert ran(result.stdout) == DATA_STAGES
+    assert ran(result.stdout) == STAGES
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "first run"], root)
     return root
@@ -46,26 +46,30 @@ def test_first_repro_builds_every_data_artifact(project, synthetic_zips):
     assert ran(run(["dvc", "repro"], project).stdout) == []  # a second repro is a no-op
 
 
-def test_balance_param_reruns_only_balance(project):
+def test_balance_param_reruns_balance_and_train_only(project):
     before = outs(project)
     set_params(project, {"balance.target_per_class": 9})
     status = run(["dvc", "status", "--json"], project).stdout
     assert set(json.loads(status)) == {"balance"}
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["balance"]
+    assert ran(result.stdout) == ["balance", "train"]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
-    assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png"}
+    assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png",
+                       "models/model.pt", "metrics/train"}
     assert json.loads((project / "metrics/balance.json").read_text())["images"] == 63
 
-    # Back to the committed value: the run cache restores the old output without running.
+    # Back to the committed value: the run cache restores balance's old output without
+    # running it (train, whose DVCLive folder persists for resuming, reruns).
     run(["git", "checkout", "params.yaml"], project)
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == [] and "balance" in result.stdout
-    assert outs(project) == before
+    assert ran(result.stdout) == ["train"] and "Stage 'balance' is cached" in result.stdout
+    assert outs(project)["data/balanced"] == before["data/balanced"]
 
 
 def test_forced_rerun_gives_byte_identical_outputs(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "state before the forced rerun", "--allow-empty"], project)
     before = outs(project)
     result = run(["dvc", "repro", "-f", "-s", "split"], project)
     result2 = run(["dvc", "repro", "-f", "-s", "balance"], project)
@@ -76,7 +80,7 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
-    assert ran(result.stdout) == ["prepare", "balance"]
+    assert ran(result.stdout) == ["prepare", "balance", "train"]
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "image_size" in shown
     # `exp run` leaves its result in the workspace; put the committed state back.
@@ -84,10 +88,10 @@ def test_experiment_on_working_size_skips_download_and_split(project):
     run(["dvc", "checkout", "--force"], project)
 
 
-def test_split_param_reruns_split_and_balance_only(project):
+def test_split_param_reruns_split_and_what_follows(project):
     set_params(project, {"split.seed": 7})
     try:
-        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance"]
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train"]
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)

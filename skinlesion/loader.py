@@ -1,0 +1,84 @@
+"""Batches straight from decoded uint8 arrays.
+
+The prepared and balanced images already sit decoded at the working size, so a
+batch is an index into an array: no JPEG decoding, no worker processes. The
+per-sample augmentation that helps a CNN most here, the eight flips/rotations
+of the dihedral group (a lesion has no "up"), runs on whole batches as tensor
+ops, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from skinlesion import PipelineError
+from skinlesion.files import stable_seed
+
+AUGMENTS = ("none", "flips")
+
+
+def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips and (square images) transposes, per sample."""
+    draws = torch.randint(0, 2, (3, len(batch)), generator=generator).bool().to(batch.device)
+    shape = (-1, 1, 1, 1)
+    batch = torch.where(draws[0].view(shape), batch.flip(3), batch)
+    batch = torch.where(draws[1].view(shape), batch.flip(2), batch)
+    if batch.shape[2] == batch.shape[3]:
+        batch = torch.where(draws[2].view(shape), batch.transpose(2, 3), batch)
+    return batch
+
+
+class ArrayLoader:
+    """Iterates ``(images, labels)`` batches: float, normalised, N x 3 x S x S.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run
+    draws exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
+                 device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
+                 channels_last: bool = False, weights: np.ndarray | None = None):
+        if augment not in AUGMENTS:
+            raise PipelineError(f"train.augment is '{augment}'; expected one of {', '.join(AUGMENTS)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise PipelineError(f"train.batch_size is {batch_size!r}; expected a whole number >= 1")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        if device.type == "cuda":
+            self.images = self.images.pin_memory()
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "order", self.epoch))
+        if self.weights is not None:  # class-balanced sampling, with replacement
+            return torch.multinomial(self.weights, len(self.images), replacement=True, generator=generator)
+        if self.shuffle:
+            return torch.randperm(len(self.images), generator=generator)
+        return torch.arange(len(self.images))
+
+    def __iter__(self):
+        order = self.order()
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "augment", self.epoch))
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            batch = self.images[index].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            if self.augment == "flips":
+                batch = dihedral(batch, generator)
+            batch = ((batch - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            yield batch, self.labels[index].to(self.device, non_blocking=True)

@@ -1,0 +1,57 @@
+"""Losses for imbalanced classes: cross-entropy or focal, optionally class-weighted,
+with label smoothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skinlesion import CLASSES, PipelineError
+
+LOSSES = ("cross_entropy", "focal")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``n / (k * n_c)``: each class then carries the same total weight."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        missing = ", ".join(CLASSES[i] if num_classes == len(CLASSES) else str(i) for i in np.flatnonzero(counts == 0))
+        raise PipelineError(f"class(es) {missing} have no training image; class weights are undefined")
+    return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by ``(1 - p_t)^gamma`` so
+    that easy, confident examples (most nevi) count less."""
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None, label_smoothing: float):
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = logits.float().log_softmax(dim=1)
+        ce = F.nll_loss(log_p, target, reduction="none")
+        if self.label_smoothing:
+            ce = (1 - self.label_smoothing) * ce - self.label_smoothing * log_p.mean(dim=1)
+        p_t = log_p.gather(1, target[:, None]).squeeze(1).exp()
+        loss = (1 - p_t) ** self.gamma * ce
+        if self.weight is not None:
+            w = self.weight[target]
+            return (w * loss).sum() / w.sum()
+        return loss.mean()
+
+
+def build(name: str, *, weighted: bool, label_smoothing: float, gamma: float, labels: np.ndarray,
+          num_classes: int) -> nn.Module:
+    if name not in LOSSES:
+        raise PipelineError(f"train.loss is '{name}'; expected one of {', '.join(LOSSES)}")
+    if not 0 <= label_smoothing < 1:
+        raise PipelineError(f"train.label_smoothing is {label_smoothing}; expected 0 <= value < 1")
+    weight = class_weights(labels, num_classes) if weighted else None
+    if name == "focal":
+        return FocalLoss(gamma, weight, label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

@@ -1,0 +1,289 @@
+"""Every architecture the pipeline offers, as ``backbone`` + ``head``.
+
+The split lets one freeze option serve all models (train only the head, then
+unfreeze the backbone to fine-tune) and gives Grad-CAM a known layer to look at.
+Pretrained weights come the standard torchvision way (the torch hub cache under
+``$TORCH_HOME``) or from a local file; a model never falls back silently to random
+weights when pretrained ones were asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from skinlesion import PipelineError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Head(nn.Module):
+    """Global average pooling (for feature maps), dense + ReLU, dropout, linear."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        if hidden:
+            self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                                     nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        else:
+            self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 4:
+            features = features.mean(dim=(2, 3))
+        return self.mlp(features)
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))``; ``cam_layer`` names the module whose activations
+    Grad-CAM explains (the last spatial feature map)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, cam_layer: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.cam_layer = cam_layer
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+# --- pretrained torchvision backbones --------------------------------------------
+
+TORCHVISION = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    "efficientnet_b0": (tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1),
+    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
+}
+
+
+def imagenet_state(name: str, pretrained: bool, weights_path: str | None) -> dict | None:
+    """The ImageNet state dict for torchvision model ``name``: from ``weights_path``
+    if given, else from the torch hub cache (downloading if needed) if ``pretrained``."""
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"train.weights_path {path} does not exist")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise PipelineError(f"train.weights_path {path} is not a torch state dict ({error})") from None
+    if not pretrained:
+        return None
+    weights = TORCHVISION[name][1]
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError, RuntimeError) as error:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise PipelineError(
+            f"cannot get the ImageNet weights for {name} ({type(error).__name__}: {error}). To fix: "
+            f"download {weights.url} and put it at {cache} (the torch hub cache; TORCH_HOME moves it), "
+            f"or set train.weights_path to a local copy, or set train.pretrained=false to train from scratch"
+        ) from None
+
+
+def _load(model: nn.Module, state: dict | None, name: str) -> None:
+    if state is None:
+        return
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise PipelineError(f"the weights do not fit {name}: {first}") from None
+
+
+def _resnet_trunk(name: str, pretrained: bool, weights_path: str | None) -> tuple[nn.Sequential, int]:
+    model = TORCHVISION[name][0](weights=None)
+    _load(model, imagenet_state(name, pretrained, weights_path), name)
+    return nn.Sequential(*list(model.children())[:-2]), model.fc.in_features
+
+
+# --- architectures ---------------------------------------------------------------
+
+def simple_cnn(num_classes, image_size, head, pretrained, weights_path, channels=(32, 64, 128),
+               dropout=0.25):
+    """The notebooks' baseline: convolution blocks (conv-BN-ReLU, max-pool, dropout)."""
+    if pretrained or weights_path:
+        raise PipelineError("simple_cnn has no pretrained weights; set train.pretrained=false")
+    blocks, previous = [], 3
+    for width in channels:
+        blocks.append(nn.Sequential(
+            nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Dropout(dropout)))
+        previous = width
+    backbone = nn.Sequential(*blocks)
+    return Classifier(backbone, Head(previous, num_classes, **head), f"backbone.{len(blocks) - 1}.2")
+
+
+def _resnet(name):
+    def build(num_classes, image_size, head, pretrained, weights_path):
+        trunk, features = _resnet_trunk(name, pretrained, weights_path)
+        return Classifier(trunk, Head(features, num_classes, **head), "backbone.7")
+    build.__doc__ = f"torchvision {name}, its fc replaced by the configurable head."
+    return build
+
+
+def efficientnet_b0(num_classes, image_size, head, pretrained, weights_path):
+    """torchvision EfficientNet-B0, its classifier replaced by the configurable head."""
+    model = tvm.efficientnet_b0(weights=None)
+    _load(model, imagenet_state("efficientnet_b0", pretrained, weights_path), "efficientnet_b0")
+    return Classifier(model.features, Head(1280, num_classes, **head), "backbone.8")
+
+
+def vit_b_16(num_classes, image_size, head, pretrained, weights_path):
+    """torchvision ViT-B/16 at the working size (ImageNet position embeddings are
+    interpolated when that is not 224); the class token feeds the head."""
+    if image_size % 16:
+        raise PipelineError(f"vit_b_16 needs an image size divisible by 16, not {image_size}; "
+                            f"set prepare.image_size")
+    model = tvm.vit_b_16(weights=None, image_size=image_size)
+    state = imagenet_state("vit_b_16", pretrained, weights_path)
+    if state is not None and image_size != 224:
+        state = tvm.vision_transformer.interpolate_embeddings(image_size, 16, state)
+    _load(model, state, "vit_b_16")
+    model.heads = nn.Identity()
+    # Grad-CAM on a ViT looks at the last block's input norm: tokens there still map to patches.
+    return Classifier(model, Head(768, num_classes, **head), "backbone.encoder.layers.encoder_layer_11.ln_1")
+
+
+class TransformerHead(nn.Module):
+    """A ResNet feature map as a token sequence: 1x1 projection, class token and
+    learned positions, a Transformer encoder for global context, then the head."""
+
+    def __init__(self, in_channels, grid, num_classes, head, dim, layers, heads, dropout):
+        super().__init__()
+        self.project = nn.Conv2d(in_channels, dim, 1)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, grid * grid + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = Head(dim, num_classes, **head)
+
+    def forward(self, features):
+        tokens = self.project(features).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1) + self.position
+        return self.classifier(self.norm(self.encoder(tokens))[:, 0])
+
+
+def resnet_transformer(num_classes, image_size, head, pretrained, weights_path, backbone="resnet18",
+                       dim=256, layers=2, heads=8, dropout=0.1):
+    """The ResNet-Transformer hybrid: ResNet for local texture, attention for layout."""
+    if backbone not in ("resnet18", "resnet50"):
+        raise PipelineError(f"models.resnet_transformer.backbone is '{backbone}'; expected resnet18 or resnet50")
+    trunk, features = _resnet_trunk(backbone, pretrained, weights_path)
+    grid = math.ceil(image_size / 32)
+    return Classifier(trunk, TransformerHead(features, grid, num_classes, head, dim, layers, heads, dropout),
+                      "backbone.7")
+
+
+# --- FixCaps ---------------------------------------------------------------------
+
+class CBAM(nn.Module):
+    """Convolutional block attention: channel attention, then spatial attention."""
+
+    def __init__(self, channels: int, reduction: int = 8, kernel: int = 7):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels // reduction, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(channels // reduction, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x):
+        x = x * torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    norm2 = (s * s).sum(dim, keepdim=True)
+    return norm2 / (1 + norm2) * s / torch.sqrt(norm2 + 1e-8)
+
+
+class PrimaryCaps(nn.Module):
+    def __init__(self, in_channels, types, dim, kernel, stride):
+        super().__init__()
+        self.dim = dim
+        self.conv = nn.Conv2d(in_channels, types * dim, kernel, stride)
+
+    def forward(self, x):
+        u = self.conv(x)  # B x (types*dim) x H x W
+        batch, _, height, width = u.shape
+        u = u.view(batch, -1, self.dim, height, width).permute(0, 1, 3, 4, 2).reshape(batch, -1, self.dim)
+        return squash(u)
+
+
+class ClassCaps(nn.Module):
+    """Class capsules by dynamic routing; returns log capsule lengths, so softmax
+    gives lengths normalised to sum to one and any of our losses applies."""
+
+    def __init__(self, in_caps, in_dim, num_classes, out_dim, iterations):
+        super().__init__()
+        self.iterations = iterations
+        self.weight = nn.Parameter(torch.randn(1, in_caps, num_classes, out_dim, in_dim) * 0.01)
+
+    def forward(self, u):
+        u_hat = (self.weight @ u[:, :, None, :, None]).squeeze(-1)  # B x in x classes x out_dim
+        logits = torch.zeros(u_hat.shape[:3], device=u.device, dtype=u_hat.dtype)
+        detached = u_hat.detach()
+        for iteration in range(self.iterations):
+            coupling = logits.softmax(dim=2)
+            last = iteration == self.iterations - 1
+            v = squash((coupling[..., None] * (u_hat if last else detached)).sum(1))
+            if not last:
+                logits = logits + (detached * v[:, None]).sum(-1)
+        return torch.log(v.norm(dim=-1) + 1e-6)
+
+
+def fixcaps(num_classes, image_size, head, pretrained, weights_path, channels=64, kernel=31, stride=2,
+            primary_types=16, primary_dim=8, class_dim=16, routing=3):
+    """FixCaps (Lan et al., IEEE Access 2022): a large-kernel convolution, CBAM
+    attention, primary capsules and class capsules with dynamic routing. Sizes are
+    params; the defaults are scaled down from the paper's 299 px for CPU training."""
+    if pretrained or weights_path:
+        raise PipelineError("fixcaps has no pretrained weights; set train.pretrained=false")
+    stem = nn.Sequential(nn.Conv2d(3, channels, kernel, stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(channels), nn.ReLU(inplace=True), CBAM(channels), nn.MaxPool2d(2))
+    with torch.no_grad():
+        side = stem(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+    primary_side = (side - 9) // 2 + 1
+    if primary_side < 1:
+        raise PipelineError(f"fixcaps: image size {image_size} is too small for its layers (try >= 64)")
+    backbone = nn.Sequential(stem, PrimaryCaps(channels, primary_types, primary_dim, 9, 2))
+    caps = ClassCaps(primary_types * primary_side ** 2, primary_dim, num_classes, class_dim, routing)
+    return Classifier(backbone, caps, "backbone.0.3")
+
+
+ARCHITECTURES = {
+    "simple_cnn": simple_cnn,
+    "resnet18": _resnet("resnet18"),
+    "resnet50": _resnet("resnet50"),
+    "efficientnet_b0": efficientnet_b0,
+    "vit_b_16": vit_b_16,
+    "resnet_transformer": resnet_transformer,
+    "fixcaps": fixcaps,
+}
+
+
+def build(name: str, *, num_classes: int, image_size: int, settings: dict, head: dict,
+          pretrained: bool = False, weights_path: str | None = None) -> Classifier:
+    """Build architecture ``name`` with its own ``settings`` (the ``models.<name>``
+    params) and the ``head`` params (``hidden``, ``dropout``)."""
+    if name not in ARCHITECTURES:
+        raise PipelineError(f"model is '{name}'; expected one of {', '.join(ARCHITECTURES)}")
+    try:
+        return ARCHITECTURES[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
+                                   **(settings or {}))
+    except TypeError as error:
+        raise PipelineError(f"models.{name}: {error}") from None
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,396 @@
+"""Training: model selection on validation balanced accuracy, never on test.
+
+One epoch = a pass over the (balanced) train split with on-the-fly flips, then a
+validation pass. The best epoch by validation balanced accuracy is saved as the
+model; a checkpoint after every epoch lets an interrupted run resume exactly where
+it stopped (same batches, same random state) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from skinlesion import CLASSES, PipelineError, losses, modelfile, models
+from skinlesion.files import atomic_path
+from skinlesion.loader import ArrayLoader
+from skinlesion.prepare import Prepared
+from skinlesion.progress import bar
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEYS = {
+    "pretrained": bool, "weights_path": str, "freeze": bool, "unfreeze_after_epochs": int,
+    "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float,
+    "momentum": float, "scheduler": str, "warmup_epochs": int, "loss": str, "class_weights": bool,
+    "focal_gamma": float, "label_smoothing": float, "sampler": str, "augment": str,
+    "early_stopping_patience": int, "device": str, "deterministic": bool, "seed": int, "head": dict,
+}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
+SAMPLERS = ("shuffle", "balanced")
+
+
+class Interrupted(Exception):
+    """Raised after the checkpoint of the epoch given as ``stop_after``: a stand-in
+    for a run cut short, used to test resuming."""
+
+
+def check_config(train: dict) -> dict:
+    """Validate the ``train`` params: every key known, present and of its type."""
+    unknown = sorted(set(train) - set(TRAIN_KEYS))
+    missing = sorted(set(TRAIN_KEYS) - set(train))
+    if unknown or missing:
+        raise PipelineError(f"train params: unknown {unknown or 'none'}, missing {missing or 'none'}")
+    for key, kind in TRAIN_KEYS.items():
+        value = train[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PipelineError(f"train.{key} is {value!r}; expected {kind.__name__}")
+    for key, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("sampler", SAMPLERS)):
+        if train[key] not in allowed:
+            raise PipelineError(f"train.{key} is '{train[key]}'; expected one of {', '.join(allowed)}")
+    if train["epochs"] < 1:
+        raise PipelineError(f"train.epochs is {train['epochs']}; expected at least 1")
+    return train
+
+
+# --- data ------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    fingerprint: str
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[1]
+
+
+def load_data(balanced: Path, split: Path, prepared: Path) -> TrainData:
+    """The balanced train set and the untouched validation split, decoded, in memory."""
+    manifest = pd.read_csv(balanced / "train.csv", dtype={"image_id": str})
+    train_images = np.load(balanced / "images.npy")
+    val = pd.read_csv(split / "val.csv", dtype={"image_id": str})
+    source = Prepared(prepared)
+    val_images = np.asarray(source.images[source.rows(val["image_id"])])
+    if train_images.shape[1:] != val_images.shape[1:]:
+        raise PipelineError(f"data/balanced images are {train_images.shape[1:]}, data/prepared "
+                            f"{val_images.shape[1:]}; rerun `dvc repro balance`")
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (train_images, val_images):
+        digest.update(str(array.shape).encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    digest.update(manifest["label"].to_numpy().tobytes())
+    digest.update(val["label"].to_numpy().tobytes())
+    return TrainData(train_images, manifest["label"].to_numpy(), val_images, val["label"].to_numpy(),
+                     digest.hexdigest())
+
+
+# --- devices and determinism -----------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"train.device is '{name}'; expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device is cuda but no CUDA GPU is visible; use train.device=auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+# --- learning-rate schedule ------------------------------------------------------
+
+class Schedule:
+    """Per-batch learning rate: linear warm-up, then constant (``none``), cosine decay,
+    one-cycle (torch's OneCycleLR, its warm-up from the same param), or reduce-on-
+    plateau (halved after 2 epochs without a better validation score)."""
+
+    def __init__(self, optimizer, kind: str, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int):
+        self.optimizer, self.kind, self.lr = optimizer, kind, lr
+        self.total = epochs * steps_per_epoch
+        self.warmup = min(warmup_epochs * steps_per_epoch, self.total - 1)
+        self.step_count, self.factor, self.best, self.stale = 0, 1.0, -math.inf, 0
+        self.onecycle = None
+        if kind == "onecycle":
+            self.onecycle = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=self.total,
+                pct_start=max(self.warmup, 1) / self.total, anneal_strategy="cos")
+        else:
+            self._apply()
+
+    def current(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _apply(self) -> None:
+        step = self.step_count
+        if step < self.warmup:
+            lr = self.lr * (step + 1) / (self.warmup + 1)
+        elif self.kind == "cosine":
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        else:
+            lr = self.lr * self.factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def batch_end(self) -> None:
+        self.step_count += 1
+        if self.onecycle is not None:
+            if self.step_count < self.total:
+                self.onecycle.step()
+        else:
+            self._apply()
+
+    def epoch_end(self, score: float) -> None:
+        if self.kind != "plateau" or self.step_count < self.warmup:
+            return
+        if score > self.best:
+            self.best, self.stale = score, 0
+        else:
+            self.stale += 1
+            if self.stale >= 2:
+                self.factor, self.stale = self.factor * 0.5, 0
+                log.info("validation score on a plateau: learning rate halved to %.2e", self.lr * self.factor)
+        self._apply()
+
+    def state_dict(self) -> dict:
+        state = {"step_count": self.step_count, "factor": self.factor, "best": self.best, "stale": self.stale}
+        if self.onecycle is not None:
+            state["onecycle"] = self.onecycle.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.factor, self.best, self.stale = (state["step_count"], state["factor"],
+                                                               state["best"], state["stale"])
+        if self.onecycle is not None:
+            self.onecycle.load_state_dict(state["onecycle"])
+
+
+def make_optimizer(name: str, parameters, lr: float, weight_decay: float, momentum: float):
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=momentum > 0)
+
+
+# --- evaluation on validation ----------------------------------------------------
+
+@torch.no_grad()
+def predict(model, loader: ArrayLoader, amp_dtype) -> tuple[np.ndarray, float]:
+    """Class probabilities for every image of ``loader``, and the mean loss."""
+    model.eval()
+    outputs, total, count = [], 0.0, 0
+    for images, labels in loader:
+        with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += len(labels)
+        outputs.append(logits.softmax(dim=1).cpu())
+    return torch.cat(outputs).numpy(), total / max(count, 1)
+
+
+def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    predicted = probabilities.argmax(axis=1)
+    present = sorted(set(labels))
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
+    }
+
+
+# --- the loop --------------------------------------------------------------------
+
+def _set_frozen(model: models.Classifier, frozen: bool) -> None:
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad_(not frozen)
+
+
+def fingerprint(config: dict, data: TrainData) -> str:
+    text = json.dumps(config, sort_keys=True) + data.fingerprint
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, checkpoint_dir: Path,
+        stop_after: int | None = None) -> dict:
+    """Train ``config["model"]`` with ``config["models"][model]`` and ``config["train"]``.
+
+    Writes the best model to ``model_path``, DVCLive logs to ``live_dir``, and the
+    per-epoch checkpoint to ``checkpoint_dir/last.pt``. Returns the summary.
+    """
+    from dvclive import Live
+
+    name = config["model"]
+    train = check_config(dict(config["train"]))
+    settings = (config.get("models") or {}).get(name) or {}
+    device = pick_device(train["device"])
+    seed_everything(train["seed"], train["deterministic"], device)
+    model = models.build(name, num_classes=len(CLASSES), image_size=data.image_size, settings=settings,
+                         head=train["head"], pretrained=train["pretrained"], weights_path=train["weights_path"])
+    cuda = device.type == "cuda"
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    if train["freeze"] and name in ("simple_cnn", "fixcaps"):
+        raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
+
+    weights = None
+    if train["sampler"] == "balanced":
+        per_class = np.bincount(data.train_labels, minlength=len(CLASSES))
+        weights = 1.0 / per_class[data.train_labels]
+    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": cuda}
+    train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
+                               shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)
+    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"], **common)
+    criterion = losses.build(train["loss"], weighted=train["class_weights"], label_smoothing=train["label_smoothing"],
+                             gamma=train["focal_gamma"], labels=data.train_labels, num_classes=len(CLASSES)).to(device)
+    optimizer = make_optimizer(train["optimizer"], model.parameters(), train["lr"], train["weight_decay"],
+                               train["momentum"])
+    schedule = Schedule(optimizer, train["scheduler"], train["lr"], train["epochs"], len(train_loader),
+                        train["warmup_epochs"])
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+
+    run_id = fingerprint({"model": name, "settings": settings, "train": train}, data)
+    checkpoint = Path(checkpoint_dir) / "last.pt"
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "seconds": 0.0, "images": 0}
+    resumed = False
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved.get("run") == run_id and not saved.get("finished"):
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
+            scaler.load_state_dict(saved["scaler"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"]
+            resumed = True
+            log.info("resuming from the checkpoint after epoch %d of %d", state["epoch"], train["epochs"])
+    if not resumed:
+        checkpoint.unlink(missing_ok=True)
+    if not model_path.exists() and resumed and state["best_epoch"]:
+        raise PipelineError(f"{model_path} is gone but the checkpoint expects it; delete {checkpoint} to start over")
+
+    parameters = models.parameter_count(model)
+    log.info("%s: %s parameters on %s; %d train / %d validation images at %d px", name, f"{parameters:,}",
+             device, len(data.train_labels), len(data.val_labels), data.image_size)
+    live = Live(dir=str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None)
+    try:
+        for epoch in range(state["epoch"] + 1, train["epochs"] + 1):
+            frozen = train["freeze"] and not (0 < train["unfreeze_after_epochs"] < epoch)
+            _set_frozen(model, frozen)
+            model.train()
+            if frozen:
+                model.backbone.eval()  # a frozen feature extractor keeps its BatchNorm statistics
+            train_loader.set_epoch(epoch)
+            started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            predictions, targets = [], []
+            progress = bar(train_loader, desc=f"epoch {epoch}/{train['epochs']}", unit="batch", leave=False)
+            for images, labels in progress:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(images)
+                    loss = criterion(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.batch_end()
+                seen += len(labels)
+                loss_sum += loss.item() * len(labels)
+                predicted = logits.detach().argmax(dim=1)
+                correct += (predicted == labels).sum().item()
+                predictions.append(predicted.cpu())
+                targets.append(labels.cpu())
+                progress.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{schedule.current():.1e}")
+            elapsed = time.perf_counter() - started
+            state["seconds"] += elapsed
+            state["images"] += seen
+            train_scores = {"loss": loss_sum / seen, "accuracy": correct / seen,
+                            "balanced_accuracy": float(balanced_accuracy_score(torch.cat(targets), torch.cat(predictions)))}
+            probabilities, val_loss = predict(model, val_loader, amp_dtype)
+            val_scores = {"loss": val_loss, **scores(data.val_labels, probabilities)}
+            schedule.epoch_end(val_scores["balanced_accuracy"])
+
+            live.step = epoch
+            for key, value in train_scores.items():
+                live.log_metric(f"train/{key}", value)
+            for key, value in val_scores.items():
+                live.log_metric(f"val/{key}", value)
+            live.log_metric("lr", schedule.current())
+            improved = val_scores["balanced_accuracy"] > state["best_score"]
+            if improved:
+                state.update(best_score=val_scores["balanced_accuracy"], best_epoch=epoch, stale=0,
+                             best={f"val_{k}": v for k, v in val_scores.items()})
+                modelfile.save(model_path, model, architecture=name, settings=settings, head=train["head"],
+                               classes=CLASSES, image_size=data.image_size, mean=models.IMAGENET_MEAN,
+                               std=models.IMAGENET_STD, training={"epoch": epoch, **state["best"]})
+            else:
+                state["stale"] += 1
+            state["epoch"] = epoch
+            log.info("epoch %d/%d  train loss %.3f bal.acc %.3f | val loss %.3f bal.acc %.3f acc %.3f%s  "
+                     "(%.0f img/s)", epoch, train["epochs"], train_scores["loss"], train_scores["balanced_accuracy"],
+                     val_loss, val_scores["balanced_accuracy"], val_scores["accuracy"],
+                     "  *best" if improved else "", seen / elapsed)
+            patience = train["early_stopping_patience"]
+            stop = patience > 0 and state["stale"] >= patience
+            _save_checkpoint(checkpoint, run_id, model, optimizer, schedule, scaler, state,
+                             finished=stop or epoch == train["epochs"])
+            live.make_summary()
+            if stop:
+                log.info("early stop: no better validation balanced accuracy for %d epochs", patience)
+                break
+            if stop_after is not None and epoch >= stop_after:
+                raise Interrupted(f"stopped after epoch {epoch}")
+
+        summary = {
+            "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], **state["best"],
+            "parameters": parameters, "image_size": data.image_size,
+            "train_images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
+        }
+        for key, value in summary.items():
+            live.summary[key] = value
+        live.make_summary()
+        return summary
+    finally:
+        live.end()
+
+
+def _save_checkpoint(path: Path, run_id, model, optimizer, schedule, scaler, state, finished: bool) -> None:
+    payload = {"run": run_id, "finished": finished, "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+               "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

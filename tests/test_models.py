@@ -1,0 +1,83 @@
+"""Every architecture builds, runs forward and backward on CPU, and names a real
+Grad-CAM layer; pretrained weights load from a local file or fail with advice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from skinlesion import PipelineError, models
+
+HEAD = {"hidden": 32, "dropout": 0.1}
+SMALL = {"fixcaps": {"channels": 16, "kernel": 9, "primary_types": 4}}
+
+
+@pytest.mark.parametrize("name", list(models.ARCHITECTURES))
+def test_forward_and_backward(name):
+    torch.manual_seed(0)
+    size = 64 if name == "fixcaps" else 32
+    model = models.build(name, num_classes=7, image_size=size, settings=SMALL.get(name, {}), head=HEAD)
+    images = torch.randn(3, 3, size, size)
+    logits = model(images)
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 6])).backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert model.cam_layer in dict(model.named_modules())
+
+
+def test_head_is_configurable():
+    model = models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head={"hidden": 0, "dropout": 0.5})
+    assert [type(m).__name__ for m in model.head.mlp] == ["Dropout", "Linear"]
+    model = models.build("resnet18", num_classes=7, image_size=32, settings={}, head={"hidden": 64, "dropout": 0.2})
+    assert [type(m).__name__ for m in model.head.mlp] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert model.head.mlp[0].in_features == 512
+
+
+def test_bad_model_names_and_settings():
+    with pytest.raises(PipelineError, match="model is 'resnet99'; expected one of simple_cnn, resnet18, resnet50"):
+        models.build("resnet99", num_classes=7, image_size=32, settings={}, head=HEAD)
+    with pytest.raises(PipelineError, match="models.simple_cnn: .*unexpected keyword argument 'width'"):
+        models.build("simple_cnn", num_classes=7, image_size=32, settings={"width": 3}, head=HEAD)
+    with pytest.raises(PipelineError, match="vit_b_16 needs an image size divisible by 16, not 40"):
+        models.build("vit_b_16", num_classes=7, image_size=40, settings={}, head=HEAD)
+    with pytest.raises(PipelineError, match="simple_cnn has no pretrained weights"):
+        models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head=HEAD, pretrained=True)
+
+
+def test_local_weights_file_is_loaded_into_the_backbone(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = models.build("resnet_transformer", num_classes=7, image_size=64, settings={}, head=HEAD,
+                         weights_path=str(tmp_path / "resnet18.pth"))
+    assert torch.equal(model.backbone[0].weight, reference.conv1.weight)
+    assert torch.equal(model.backbone[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(PipelineError, match="the weights do not fit resnet18"):
+        models.build("resnet18", num_classes=7, image_size=64, settings={}, head=HEAD,
+                     weights_path=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(PipelineError, match="train.weights_path .*nope.pth does not exist"):
+        models.build("resnet18", num_classes=7, image_size=64, settings={}, head=HEAD,
+                     weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_missing_imagenet_weights_fail_with_the_fix(tmp_path):
+    """No cached file and no way to download (proxy pointed at a closed local port):
+    the build stops at once and says where to put the file, never trains from random."""
+    code = ("from skinlesion import models\n"
+            "models.build('resnet18', num_classes=7, image_size=64, settings={}, head={'hidden': 0, 'dropout': 0},"
+            " pretrained=True)\n")
+    env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "torch"), "HOME": str(tmp_path),
+           "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "cannot get the ImageNet weights for resnet18" in message
+    assert f"{tmp_path}/torch/hub/checkpoints/resnet18-f37072fd.pth" in message
+    assert "train.weights_path" in message and "train.pretrained=false" in message

@@ -1,0 +1,188 @@
+"""The training loop on synthetic data, on CPU: it learns, saves a self-describing
+model, resumes exactly after an interruption, stops early, freezes and unfreezes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from skinlesion import PipelineError, balancing, losses, modelfile, prepare, sources, splitting, training
+from skinlesion.loader import ArrayLoader
+from tests.conftest import PROJECT
+
+AUGMENT = yaml.safe_load((PROJECT / "params.yaml").read_text())["balance"]["augment"]
+DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_zips, tmp_path_factory) -> training.TrainData:
+    """The data stages' real output for the synthetic set, at 32 px."""
+    root = tmp_path_factory.mktemp("training")
+    sources.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
+                     root / "raw", root / "cache")
+    prepare.prepare(root / "raw", root / "prepared", 32)
+    manifests = splitting.split(pd.read_csv(root / "raw/metadata.csv", dtype=str), 0.15, 0.15, seed=0)
+    (root / "split").mkdir()
+    for name, manifest in manifests.items():
+        manifest.to_csv(root / "split" / f"{name}.csv", index=False)
+    loaded = prepare.Prepared(root / "prepared")
+    planned = balancing.plan(manifests["train"], "threshold", 12, seed=0)
+    images = balancing.render(planned, loaded.images, loaded.rows(planned.image_id), AUGMENT, 0)
+    (root / "balanced").mkdir()
+    np.save(root / "balanced/images.npy", images)
+    planned.to_csv(root / "balanced/train.csv", index=False)
+    return training.load_data(root / "balanced", root / "split", root / "prepared")
+
+
+def config(model="simple_cnn", **train) -> dict:
+    settings = copy.deepcopy(DEFAULTS["train"])
+    settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, **train})
+    return {"model": model, "models": DEFAULTS["models"], "train": settings}
+
+
+def fit(tmp_path, cfg, **kwargs) -> dict:
+    return training.fit(cfg, kwargs.pop("data"), model_path=tmp_path / "model.pt", live_dir=tmp_path / "live",
+                        checkpoint_dir=tmp_path / "checkpoints", **kwargs)
+
+
+def tsv(tmp_path, name) -> pd.DataFrame:
+    return pd.read_csv(tmp_path / "live/plots/metrics" / f"{name}.tsv", sep="\t")
+
+
+def test_one_epoch_writes_a_self_describing_model(data, tmp_path):
+    summary = fit(tmp_path, config(epochs=1), data=data)
+    assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1 and summary["parameters"] > 0
+    model, info = modelfile.load(tmp_path / "model.pt")
+    assert info["architecture"] == "simple_cnn" and info["image_size"] == 32
+    assert info["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert info["mean"] == [0.485, 0.456, 0.406] and info["training"]["epoch"] == 1
+    loader = ArrayLoader(data.val_images, data.val_labels, batch_size=8, mean=info["mean"], std=info["std"],
+                         device=torch.device("cpu"))
+    probabilities, _ = training.predict(model, loader, None)
+    again = training.scores(data.val_labels, probabilities)
+    assert again["balanced_accuracy"] == pytest.approx(summary["val_balanced_accuracy"])
+    for name in ("train/loss", "train/balanced_accuracy", "val/loss", "val/accuracy", "val/balanced_accuracy", "lr"):
+        assert list(tsv(tmp_path, name).step) == [1], name
+
+
+def test_training_loss_falls(data, tmp_path):
+    fit(tmp_path, config(epochs=4, scheduler="none", warmup_epochs=0), data=data)
+    loss = tsv(tmp_path, "train/loss")["loss"]
+    assert loss.iloc[-1] < 0.7 * loss.iloc[0]
+
+
+def test_interrupted_run_resumes_exactly(data, tmp_path):
+    cfg = config(epochs=3)
+    fit(tmp_path / "whole", cfg, data=data)
+    with pytest.raises(training.Interrupted):
+        fit(tmp_path / "cut", cfg, data=data, stop_after=1)
+    assert list(tsv(tmp_path / "cut", "val/loss").step) == [1]
+    summary = fit(tmp_path / "cut", cfg, data=data)
+    assert summary["epochs_run"] == 3
+    whole = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert list(tsv(tmp_path / "cut", "val/loss").step) == [1, 2, 3]
+    assert tsv(tmp_path / "cut", "lr")["lr"].equals(tsv(tmp_path / "whole", "lr")["lr"])
+
+
+def test_a_changed_config_starts_over_instead_of_resuming(data, tmp_path, caplog):
+    with pytest.raises(training.Interrupted):
+        fit(tmp_path, config(epochs=3), data=data, stop_after=1)
+    summary = fit(tmp_path, config(epochs=3, lr=0.001), data=data)
+    assert "resuming" not in caplog.text and summary["epochs_run"] == 3
+    assert list(tsv(tmp_path, "val/loss").step) == [1, 2, 3]
+
+
+def test_early_stopping_on_validation(data, tmp_path):
+    summary = fit(tmp_path, config(epochs=6, lr=0.0, scheduler="none", warmup_epochs=0,
+                                   early_stopping_patience=2), data=data)
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+
+
+def test_frozen_backbone_then_fine_tuning(data, tmp_path):
+    torch.manual_seed(DEFAULTS["train"]["seed"])  # fit() seeds the same way before building
+    start = training.models.build("resnet18", num_classes=7, image_size=32, settings={},
+                                  head=DEFAULTS["train"]["head"]).state_dict()
+    fit(tmp_path / "frozen", config("resnet18", epochs=1, freeze=True), data=data)
+    frozen, _ = modelfile.load(tmp_path / "frozen/model.pt")
+    state = frozen.state_dict()
+    backbone = [k for k in state if k.startswith("backbone.")]
+    assert all(torch.equal(state[k], start[k]) for k in backbone)  # weights and BatchNorm statistics
+    assert not all(torch.equal(state[k], start[k]) for k in state if k.startswith("head."))
+
+    fit(tmp_path / "tuned", config("resnet18", epochs=2, freeze=True, unfreeze_after_epochs=1), data=data)
+    tuned = torch.load(tmp_path / "tuned/checkpoints/last.pt", weights_only=True)["model"]
+    assert not all(torch.equal(tuned[k], start[k]) for k in backbone)
+
+
+def test_freezing_a_model_without_pretrained_backbone_is_refused(data, tmp_path):
+    with pytest.raises(PipelineError, match="train.freeze needs a pretrained backbone; simple_cnn has none"):
+        fit(tmp_path, config(freeze=True), data=data)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer": "lion"}, "train.optimizer is 'lion'; expected one of adam, adamw, sgd"),
+    ({"epochs": "10"}, "train.epochs is '10'; expected int"),
+    ({"epochs": 0}, "train.epochs is 0; expected at least 1"),
+    ({"colour": 1}, r"unknown \['colour'\]"),
+    ({"loss": "hinge"}, "train.loss is 'hinge'; expected one of cross_entropy, focal"),
+    ({"device": "tpu"}, "train.device is 'tpu'"),
+])
+def test_bad_train_params(data, tmp_path, change, message):
+    with pytest.raises(PipelineError, match=message):
+        fit(tmp_path, config(**change), data=data)
+
+
+def test_focal_loss_and_class_weights():
+    torch.manual_seed(0)
+    logits, target = torch.randn(20, 7), torch.randint(0, 7, (20,))
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert losses.FocalLoss(0.0, None, 0.0)(logits, target) == pytest.approx(ce.item(), rel=1e-5)
+    assert losses.FocalLoss(2.0, None, 0.0)(logits, target) < ce
+    smoothed = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+    assert losses.FocalLoss(0.0, None, 0.1)(logits, target) == pytest.approx(smoothed.item(), rel=1e-5)
+    weights = losses.class_weights(np.array([0, 0, 0, 1, 2, 3, 4, 5, 6, 6]), 7)
+    assert weights[0].item() == pytest.approx(10 / (7 * 3)) and weights[1].item() == pytest.approx(10 / 7)
+    with pytest.raises(PipelineError, match=r"class\(es\) df have no training image"):
+        losses.class_weights(np.array([0, 1, 2, 4, 5, 6]), 7)
+
+
+def test_schedules():
+    def trajectory(kind, epochs=4, steps=5, warmup=1, scores=None):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        schedule = training.Schedule(optimizer, kind, 1.0, epochs, steps, warmup)
+        rates = []
+        for epoch in range(epochs):
+            for _ in range(steps):
+                rates.append(schedule.current())
+                optimizer.step()
+                schedule.batch_end()
+            schedule.epoch_end(scores[epoch] if scores else 0.0)
+        return rates
+
+    cosine = trajectory("cosine")
+    assert cosine[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])  # warm-up
+    assert cosine[5] == pytest.approx(1.0) and cosine[-1] < 0.02
+    assert all(a >= b for a, b in zip(cosine[5:], cosine[6:]))
+    one = trajectory("onecycle")
+    assert max(one) == pytest.approx(1.0) and one[0] < 0.1 and one[-1] < 1e-3
+    plateau = trajectory("plateau", epochs=5, warmup=0, scores=[0.5, 0.4, 0.4, 0.6, 0.6])
+    assert plateau[:15] == [1.0] * 15 and plateau[15:20] == [0.5] * 5
+    assert trajectory("none", warmup=0) == [1.0] * 20
+
+
+def test_balanced_sampler_evens_out_classes(data):
+    labels = np.array([0] * 90 + [1] * 10)
+    images = np.zeros((100, 8, 8, 3), dtype=np.uint8)
+    loader = ArrayLoader(images, labels, batch_size=100, mean=(0, 0, 0), std=(1, 1, 1), device=torch.device("cpu"),
+                         weights=1.0 / np.bincount(labels)[labels], seed=1)
+    drawn = np.concatenate([next(iter(loader))[1].numpy() for _ in range(20)])
+    assert abs((drawn == 1).mean() - 0.5) < 0.05
+    assert math.isclose(len(loader), 1)
