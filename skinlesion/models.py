@@ -137,20 +137,32 @@ def efficientnet_b0(num_classes, image_size, head, pretrained, weights_path):
     return Classifier(model.features, Head(1280, num_classes, **head), "backbone.8")
 
 
-def vit_b_16(num_classes, image_size, head, pretrained, weights_path):
+VIT_B = {"layers": 12, "heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
+
+
+def vit_b_16(num_classes, image_size, head, pretrained, weights_path, **size):
     """torchvision ViT-B/16 at the working size (ImageNet position embeddings are
-    interpolated when that is not 224); the class token feeds the head."""
+    interpolated when that is not 224); the class token feeds the head. ``size``
+    (layers, heads, hidden_dim, mlp_dim) may shrink it, for training from scratch."""
     if image_size % 16:
         raise PipelineError(f"vit_b_16 needs an image size divisible by 16, not {image_size}; "
                             f"set prepare.image_size")
-    model = tvm.vit_b_16(weights=None, image_size=image_size)
+    unknown = sorted(set(size) - set(VIT_B))
+    if unknown:
+        raise PipelineError(f"models.vit_b_16: unknown setting(s) {unknown}; expected {', '.join(VIT_B)}")
+    size = {**VIT_B, **size}
+    if size != VIT_B and (pretrained or weights_path):
+        raise PipelineError(f"models.vit_b_16: ImageNet weights exist only for the B/16 size {VIT_B}")
+    model = tvm.VisionTransformer(image_size=image_size, patch_size=16, num_layers=size["layers"],
+                                  num_heads=size["heads"], hidden_dim=size["hidden_dim"], mlp_dim=size["mlp_dim"])
     state = imagenet_state("vit_b_16", pretrained, weights_path)
     if state is not None and image_size != 224:
         state = tvm.vision_transformer.interpolate_embeddings(image_size, 16, state)
     _load(model, state, "vit_b_16")
     model.heads = nn.Identity()
     # Grad-CAM on a ViT looks at the last block's input norm: tokens there still map to patches.
-    return Classifier(model, Head(768, num_classes, **head), "backbone.encoder.layers.encoder_layer_11.ln_1")
+    last = f"backbone.encoder.layers.encoder_layer_{size['layers'] - 1}.ln_1"
+    return Classifier(model, Head(size["hidden_dim"], num_classes, **head), last)
 
 
 class TransformerHead(nn.Module):

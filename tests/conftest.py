@@ -71,6 +71,7 @@ def make_project(root: Path, source: Path, overrides: dict | None = None) -> Pat
     set_params(root, {"download.source": "local", "download.path": str(source),
                       "prepare.image_size": 32, "balance.target_per_class": 12,
                       "train.epochs": 1, "train.batch_size": 16, "models.fixcaps.kernel": 9,
+                      "models.vit_b_16": {"layers": 2, "heads": 2, "hidden_dim": 32, "mlp_dim": 64},
                       **(overrides or {})})
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

@@ -13,7 +13,8 @@ import torchvision
 from skinlesion import PipelineError, models
 
 HEAD = {"hidden": 32, "dropout": 0.1}
-SMALL = {"fixcaps": {"channels": 16, "kernel": 9, "primary_types": 4}}
+SMALL = {"fixcaps": {"channels": 16, "kernel": 9, "primary_types": 4},
+         "vit_b_16": {"layers": 2, "heads": 2, "hidden_dim": 32, "mlp_dim": 64}}
 
 
 @pytest.mark.parametrize("name", list(models.ARCHITECTURES))
@@ -45,6 +46,10 @@ def test_bad_model_names_and_settings():
         models.build("simple_cnn", num_classes=7, image_size=32, settings={"width": 3}, head=HEAD)
     with pytest.raises(PipelineError, match="vit_b_16 needs an image size divisible by 16, not 40"):
         models.build("vit_b_16", num_classes=7, image_size=40, settings={}, head=HEAD)
+    with pytest.raises(PipelineError, match=r"models.vit_b_16: unknown setting\(s\) \['depth'\]"):
+        models.build("vit_b_16", num_classes=7, image_size=32, settings={"depth": 3}, head=HEAD)
+    with pytest.raises(PipelineError, match="ImageNet weights exist only for the B/16 size"):
+        models.build("vit_b_16", num_classes=7, image_size=32, settings={"layers": 2}, head=HEAD, pretrained=True)
     with pytest.raises(PipelineError, match="simple_cnn has no pretrained weights"):
         models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head=HEAD, pretrained=True)
 

@@ -1,0 +1,56 @@
+"""`dvc exp run -S model=NAME` for every architecture, on synthetic data in a real
+git+DVC repository: only `train` reruns, and `dvc metrics diff` shows the change."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from skinlesion import models
+from tests.conftest import make_project, run
+
+
+@pytest.fixture(scope="module")
+def project(synthetic_zips, tmp_path_factory):
+    # 64 px so FixCaps' layers fit; a small FixCaps and one short epoch keep it quick.
+    root = make_project(tmp_path_factory.mktemp("experiments") / "project", synthetic_zips,
+                        {"prepare.image_size": 64, "models.fixcaps.channels": 16,
+                         "models.fixcaps.primary_types": 4})
+    run(["dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline: simple_cnn"], root)
+    return root
+
+
+@pytest.mark.parametrize("name", [n for n in models.ARCHITECTURES if n != "simple_cnn"])
+def test_exp_run_each_model_reruns_only_train(project, name):
+    result = run(["dvc", "exp", "run", "-n", f"try-{name}", "-S", f"model={name}"], project)
+    assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["train"]
+    assert "Stage 'balance' didn't change" in result.stdout or "balance" not in result.stdout
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    changed = diff["metrics/train/metrics.json"]
+    assert changed["parameters"]["new"] == models.parameter_count(
+        models.build(name, num_classes=7, image_size=64, settings=_settings(project, name),
+                     head={"hidden": 256, "dropout": 0.3}))
+    assert changed["parameters"]["old"] != changed["parameters"]["new"]
+
+    plots = run(["dvc", "plots", "diff", "--json", "--split"], project).stdout
+    assert "val/balanced_accuracy.tsv" in plots or "Balanced accuracy" in plots
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)
+
+
+def test_experiments_are_listed(project):
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    for name in models.ARCHITECTURES:
+        if name != "simple_cnn":
+            assert f"try-{name}" in shown
+
+
+def _settings(project, name):
+    import yaml
+
+    return yaml.safe_load((project / "params.yaml").read_text())["models"][name] or {}
