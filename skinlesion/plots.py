@@ -67,3 +67,66 @@ def montage(images: np.ndarray, planned: pd.DataFrame, originals: dict[str, np.n
             canvas.paste(picture, (label_width + column * tile + 1, row * tile + 1))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
+
+
+def confusion_matrix_png(matrix: np.ndarray, path: str | Path, title: str) -> None:
+    """Counts and row-normalised rates (recall on the diagonal), side by side."""
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for axis, values, label, fmt in ((axes[0], matrix, "images", "d"), (axes[1], rates, "share of row", ".2f")):
+        shown = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)  # both panels shaded by rate
+        for (i, j), value in np.ndenumerate(values):
+            axis.text(j, i, format(value, fmt), ha="center", va="center", fontsize=8,
+                      color="white" if rates[i, j] > 0.5 else "black")
+        axis.set_xticks(range(len(CLASSES)), CLASSES)
+        axis.set_yticks(range(len(CLASSES)), CLASSES)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("actual")
+        axis.set_title(f"{title}: {label}")
+    figure.colorbar(shown, ax=axes[1], fraction=0.046)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def image_grid(images: np.ndarray, captions: list[str], colours: list[str], path: str | Path,
+               columns: int = 7, tile: int = 128) -> None:
+    """Images in a grid, each with a caption line under it (green right, red wrong)."""
+    rows = -(-len(images) // columns)
+    caption = 28
+    canvas = Image.new("RGB", (columns * tile, max(rows, 1) * (tile + caption)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for number, (image, text, colour) in enumerate(zip(images, captions, colours)):
+        x, y = (number % columns) * tile, (number // columns) * (tile + caption)
+        canvas.paste(Image.fromarray(np.asarray(image)).resize((tile - 4, tile - 4)), (x + 2, y + 2))
+        for line, part in enumerate(text.split("\n")[:2]):
+            draw.text((x + 3, y + tile + line * 12), part, fill=colour)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """The heat map (jet) blended over the image, the lesion outline in white."""
+    coloured = (matplotlib.colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
+    blended = (0.55 * image.astype(np.float32) + 0.45 * coloured).astype(np.uint8)
+    if mask is not None and mask.any():
+        edge = mask.astype(bool) & ~(np.roll(mask, 1, 0).astype(bool) & np.roll(mask, -1, 0).astype(bool)
+                                     & np.roll(mask, 1, 1).astype(bool) & np.roll(mask, -1, 1).astype(bool))
+        blended[edge] = 255
+    return blended
+
+
+def curves_png(curves: dict[str, list[dict]], x: str, y: str, path: str | Path, title: str,
+               diagonal: bool = False) -> None:
+    figure, axis = plt.subplots(figsize=(6, 5.5))
+    for name, rows in curves.items():
+        axis.plot([r[x] for r in rows], [r[y] for r in rows], label=name, linewidth=1.3)
+    if diagonal:
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel(x)
+    axis.set_ylabel(y)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -22,10 +22,12 @@ from skinlesion.progress import bar
 log = logging.getLogger(__name__)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """An RGB image as uint8 ``size x size x 3`` (squashed, not cropped, so nothing
-    at the lesion's edge is lost; HAM10000's 4:3 frames become square)."""
-    with Image.open(path) as image:
+def load_image(source, size: int) -> np.ndarray:
+    """An RGB image (a path or a binary file object) as uint8 ``size x size x 3``
+    (squashed, not cropped, so nothing at the lesion's edge is lost; HAM10000's 4:3
+    frames become square). Every consumer decodes through here, so the prediction
+    commands see exactly the pixels the pipeline trained and evaluated on."""
+    with Image.open(source) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
         return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
 

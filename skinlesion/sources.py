@@ -193,7 +193,25 @@ def assemble(
         collector.close()
 
 
-def _assemble(collector, members, out, source_info, metadata_frame, used) -> dict:
+@dataclass
+class Indexed:
+    """What a source holds, sorted out: its metadata, and its images and masks by
+    image_id; everything else by name."""
+
+    metadata: pd.DataFrame
+    metadata_origin: str
+    images: dict[str, Member]
+    masks: dict[str, Member]
+    others: list[str]
+    unlisted_images: list[str]
+    unlisted_masks: list[str]
+
+
+def index(collector: Collector, members: list[Member], *, metadata_frame: pd.DataFrame | None = None,
+          metadata_origin: str = "", used: Iterable[str] = ()) -> Indexed:
+    """Sort ``members`` into metadata, images and masks, and check that every listed
+    image is there exactly once. Raises PipelineError naming what is wrong."""
+    used = set(used)
     images: dict[str, Member] = {}
     masks: dict[str, Member] = {}
     tables: list[Member] = []
@@ -219,7 +237,6 @@ def _assemble(collector, members, out, source_info, metadata_frame, used) -> dic
             )
         bucket[key] = member
 
-    metadata_origin = source_info.get("metadata", "built from the source's ground truth")
     if metadata_frame is None:
         candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t))]
         if not candidates:
@@ -242,8 +259,16 @@ def _assemble(collector, members, out, source_info, metadata_frame, used) -> dic
         raise PipelineError(
             f"{len(missing)} image(s) listed in {metadata_origin} are missing: {_names(missing)}"
         )
-    unlisted_images = sorted(images[key].origin for key in images.keys() - listed)
-    unlisted_masks = sorted(masks[key].origin for key in masks.keys() - listed)
+    return Indexed(metadata_frame, metadata_origin, images, masks, sorted(others),
+                   sorted(images[key].origin for key in images.keys() - listed),
+                   sorted(masks[key].origin for key in masks.keys() - listed))
+
+
+def _assemble(collector, members, out, source_info, metadata_frame, used) -> dict:
+    found = index(collector, members, metadata_frame=metadata_frame, used=used,
+                  metadata_origin=source_info.get("metadata", "built from the source's ground truth"))
+    metadata_frame, images, masks = found.metadata, found.images, found.masks
+    metadata_origin = found.metadata_origin
 
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
@@ -283,9 +308,9 @@ def _assemble(collector, members, out, source_info, metadata_frame, used) -> dic
         "masks": with_masks,
         "class_counts": {name: int(counts.get(name, 0)) for name in CLASSES},
         "left_out": {
-            "files_not_images": sorted(others),
-            "images_not_in_metadata": unlisted_images,
-            "masks_not_in_metadata": unlisted_masks,
+            "files_not_images": found.others,
+            "images_not_in_metadata": found.unlisted_images,
+            "masks_not_in_metadata": found.unlisted_masks,
         },
     }
     write_json(out / "provenance.json", record)

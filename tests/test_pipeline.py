@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import make_project, run, set_params
 
-STAGES = ["download", "prepare", "split", "balance", "train"]
+STAGES = ["download", "prepare", "split", "balance", "train", "evaluate", "explain"]
 
 
 def ran(output: str) -> list[str]:
@@ -52,18 +52,19 @@ def test_balance_param_reruns_balance_and_train_only(project):
     status = run(["dvc", "status", "--json"], project).stdout
     assert set(json.loads(status)) == {"balance"}
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["balance", "train"]
+    assert ran(result.stdout) == ["balance", "train", "evaluate", "explain"]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
     assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png",
-                       "models/model.pt", "metrics/train"}
+                       "models/model.pt", "metrics/train", "plots/evaluate", "metrics/evaluate.json",
+                       "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "metrics/balance.json").read_text())["images"] == 63
 
     # Back to the committed value: the run cache restores balance's old output without
     # running it (train, whose DVCLive folder persists for resuming, reruns).
     run(["git", "checkout", "params.yaml"], project)
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["train"] and "Stage 'balance' is cached" in result.stdout
+    assert ran(result.stdout)[0] == "train" and "Stage 'balance' is cached" in result.stdout
     assert outs(project)["data/balanced"] == before["data/balanced"]
 
 
@@ -80,7 +81,7 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
-    assert ran(result.stdout) == ["prepare", "balance", "train"]
+    assert ran(result.stdout) == ["prepare", "balance", "train", "evaluate", "explain"]
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "image_size" in shown
     # `exp run` leaves its result in the workspace; put the committed state back.
@@ -91,7 +92,45 @@ def test_experiment_on_working_size_skips_download_and_split(project):
 def test_split_param_reruns_split_and_what_follows(project):
     set_params(project, {"split.seed": 7})
     try:
-        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train"]
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", "evaluate", "explain"]
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)
+
+
+@pytest.mark.parametrize("param, value, stage", [
+    ("explain.per_class", 2, "explain"), ("explain.method", "gradcam++", "explain"),
+    ("evaluate.tta", "flips", "evaluate"),
+])
+def test_evaluate_and_explain_params_rerun_only_their_stage(project, param, value, stage):
+    set_params(project, {param: value})
+    try:
+        assert ran(run(["dvc", "repro"], project).stdout) == [stage]
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+        run(["dvc", "repro"], project)
+
+
+def test_external_scoring_of_the_test_split_matches_the_evaluate_stage(project, synthetic_zips, tmp_path):
+    import sys
+
+    run([sys.executable, "-m", "skinlesion.predict", "--score", "models/model.pt", str(synthetic_zips),
+         "--labels", "data/split/test.csv", "-o", str(tmp_path / "external.json")], project)
+    assert json.loads((tmp_path / "external.json").read_text()) == \
+        json.loads((project / "metrics/evaluate.json").read_text())
+
+
+def test_metrics_and_plots_diff_show_an_experiment_against_the_baseline(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)
+    result = run(["dvc", "exp", "run", "-S", "train.lr=0.02", "-S", "train.epochs=2"], project)
+    assert ran(result.stdout) == ["train", "evaluate", "explain"]
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
+    assert {"metrics/train/metrics.json", "metrics/evaluate.json"} <= set(diff)
+    assert diff["metrics/train/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
+    plots = json.loads(run(["dvc", "plots", "diff", "--json"], project).stdout)["data"]
+    revisions = set().union(*(entry["revisions"] for entries in plots.values() for entry in entries))
+    assert {"workspace", "HEAD"} <= revisions
+    assert any("Balanced accuracy" in name for name in plots) and any("ROC" in name for name in plots)
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)

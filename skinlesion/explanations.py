@@ -1,0 +1,126 @@
+"""Grad-CAM and Grad-CAM++, and whether the heat map falls on the lesion.
+
+A classifier that scores well by looking at rulers, ink marks or skin shows it
+here: the share of heat-map energy inside the lesion mask, and the pointing game
+(is the hottest pixel on the lesion), per class and overall.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from skinlesion import PipelineError
+
+METHODS = ("gradcam", "gradcam++")
+
+
+def _as_map(tensor: torch.Tensor) -> torch.Tensor:
+    """B x C x H x W feature maps; a ViT's B x (1+T) x D tokens become B x D x h x w."""
+    if tensor.dim() == 4:
+        return tensor
+    if tensor.dim() == 3:
+        tokens = tensor[:, 1:, :]
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side * side != tokens.shape[1]:
+            raise PipelineError(f"cannot lay {tokens.shape[1]} tokens out as a square grid")
+        return tokens.transpose(1, 2).reshape(len(tensor), -1, side, side)
+    raise PipelineError(f"Grad-CAM layer output has shape {tuple(tensor.shape)}; expected a feature map")
+
+
+def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: torch.Tensor | None = None
+             ) -> tuple[np.ndarray, torch.Tensor]:
+    """Heat maps in [0, 1] of the images' own size (N x H x W), for class ``target``
+    (default: the predicted class), from the layer the model names as ``cam_layer``.
+    Returns the maps and the logits."""
+    if method not in METHODS:
+        raise PipelineError(f"explain.method is '{method}'; expected one of {', '.join(METHODS)}")
+    layer = dict(model.named_modules()).get(model.cam_layer)
+    if layer is None:
+        raise PipelineError(f"the model has no layer {model.cam_layer} for Grad-CAM")
+    captured: dict[str, torch.Tensor] = {}
+
+    def forward_hook(_module, _inputs, output):
+        output = output[0] if isinstance(output, tuple) else output
+        captured["activation"] = output
+        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+
+    handle = layer.register_forward_hook(forward_hook)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            images = images.detach().requires_grad_(True)  # gradients flow even through a frozen backbone
+            logits = model(images)
+            if target is None:
+                target = logits.argmax(dim=1)
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    activation = _as_map(captured["activation"].detach())
+    gradient = _as_map(captured["gradient"].detach())
+    if method == "gradcam":
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+    else:
+        g2, g3 = gradient ** 2, gradient ** 3
+        denominator = 2 * g2 + activation.sum(dim=(2, 3), keepdim=True) * g3
+        alpha = torch.where(gradient != 0, g2 / (denominator + 1e-12), torch.zeros_like(g2))
+        weights = (alpha * F.relu(gradient)).sum(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).view(-1, 1, 1)
+    cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
+    return cam.cpu().numpy(), logits.detach()
+
+
+def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | None:
+    """(share of heat-map energy inside the mask, whether the hottest pixel is on the
+    lesion); None for an all-zero heat map, which points nowhere."""
+    total = float(cam.sum())
+    if total <= 0:
+        return None
+    energy = float((cam * (mask > 0)).sum() / total)
+    hottest = np.unravel_index(int(cam.argmax()), cam.shape)
+    return energy, bool(mask[hottest] > 0)
+
+
+def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
+                *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None):
+    """Heat maps for every image (predicted class as target) and, where a mask
+    exists, its lesion scores. Returns per-image rows and the heat maps of the
+    indices in ``keep`` (for overlays)."""
+    from skinlesion.inference import normalise
+    from skinlesion.progress import bar
+
+    rows, kept = [], {}
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        batch = normalise(images[start:start + batch_size], info, "cpu")
+        cams, logits = heatmaps(model, batch, method=method)
+        predicted = logits.argmax(dim=1).numpy()
+        for offset, cam in enumerate(cams):
+            index = start + offset
+            scores = lesion_scores(cam, masks[index]) if has_mask[index] else None
+            rows.append({"predicted": int(predicted[offset]),
+                         "energy_in_lesion": None if scores is None else scores[0],
+                         "pointing_hit": None if scores is None else scores[1]})
+            if index in keep:
+                kept[index] = cam
+    return rows, kept
+
+
+def summarise(rows: list[dict], labels: np.ndarray, classes) -> dict:
+    """Mean energy share and pointing-game hit rate, per true class and overall."""
+    def block(selected):
+        scored = [r for r in selected if r["energy_in_lesion"] is not None]
+        if not scored:
+            return {"images": 0}
+        return {"images": len(scored),
+                "energy_in_lesion": float(np.mean([r["energy_in_lesion"] for r in scored])),
+                "pointing_game": float(np.mean([r["pointing_hit"] for r in scored]))}
+
+    result = {"overall": block(rows), "per_class": {}}
+    for index, name in enumerate(classes):
+        result["per_class"][name] = block([r for r, label in zip(rows, labels) if label == index])
+    return result

@@ -1,0 +1,51 @@
+"""DVC stage `explain`: Grad-CAM on the test split, measured against lesion masks
+(skinlesion.explanations)."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from skinlesion import CLASSES, explanations, modelfile, plots
+from skinlesion.cli import run_stage
+from skinlesion.files import atomic_dir, write_json
+from skinlesion.prepare import Prepared
+
+
+def main(params):
+    settings = params["explain"]
+    model, info = modelfile.load(Path("models/model.pt"))
+    test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
+    prepared = Prepared("data/prepared")
+    rows = prepared.rows(test["image_id"])
+    images, masks = prepared.images[rows], prepared.masks[rows]
+    has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
+    labels = test["label"].to_numpy()
+    rng = np.random.default_rng(settings["seed"])
+    shown = {name: sorted(rng.choice(np.flatnonzero(labels == i), min(settings["per_class"], (labels == i).sum()),
+                                     replace=False).tolist()) for i, name in enumerate(CLASSES)}
+    scored, cams = explanations.score_split(model, info, images, masks, has_mask, method=settings["method"],
+                                            batch_size=settings["batch_size"],
+                                            keep={i for chosen in shown.values() for i in chosen}, progress="explain")
+    summary = {"method": settings["method"], **explanations.summarise(scored, labels, CLASSES)}
+    write_json(Path("metrics/explain.json"), summary)
+    with atomic_dir(Path("plots/explain")) as out:
+        for name, chosen in shown.items():
+            tiles, captions, colours = [], [], []
+            for i in chosen:
+                predicted = CLASSES[scored[i]["predicted"]]
+                energy = scored[i]["energy_in_lesion"]
+                tiles += [images[i], plots.overlay(images[i], cams[i], masks[i] if has_mask[i] else None)]
+                captions += [f"{test['image_id'][i]}\ntrue {name}",
+                             f"pred {predicted}\n" + ("no mask" if energy is None else f"in lesion {energy:.0%}")]
+                colours += ["black", "darkgreen" if predicted == name else "red"]
+            plots.image_grid(np.stack(tiles), captions, colours, out / f"{name}.png", columns=2)
+    overall = summary["overall"]
+    logging.info("%s on %d test images with masks: %.0f%% of heat-map energy on the lesion, pointing game %.0f%%",
+                 settings["method"], overall["images"], 100 * overall.get("energy_in_lesion", float("nan")),
+                 100 * overall.get("pointing_game", float("nan")))
+
+
+if __name__ == "__main__":
+    run_stage("explain", main)
