@@ -24,23 +24,9 @@ from sklearn.metrics import (
 from skinlesion import CLASSES, PipelineError
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the
-    share of predictions in each bin (Guo et al. 2017)."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
-
-
 def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> list[dict]:
-    """Per confidence bin: mean confidence, accuracy and count (for the diagram)."""
+    """Per non-empty equal-width confidence bin: its centre, mean confidence,
+    accuracy and count (the reliability diagram's data)."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0, 1, bins + 1)
@@ -53,6 +39,13 @@ def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -
                          "confidence": float(confidence[inside].mean()),
                          "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
     return rows
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over the reliability bins, weighted by the share
+    of predictions in each (Guo et al. 2017)."""
+    rows = reliability(labels, probabilities, bins)
+    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / max(len(labels), 1))
 
 
 def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
