@@ -33,12 +33,14 @@ class ArrayLoader:
     """Iterates ``(images, labels)`` batches: float, normalised, N x 3 x S x S.
 
     The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run
-    draws exactly the batches an uninterrupted one would have.
+    draws exactly the batches an uninterrupted one would have. With ``world`` > 1
+    (distributed training) every rank draws the same order and takes every
+    ``world``-th index from ``rank`` on, padded so all ranks get as many.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
                  device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
-                 channels_last: bool = False, weights: np.ndarray | None = None):
+                 channels_last: bool = False, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
         if augment not in AUGMENTS:
             raise PipelineError(f"train.augment is '{augment}'; expected one of {', '.join(AUGMENTS)}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -51,6 +53,7 @@ class ArrayLoader:
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.rank, self.world = rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
@@ -59,18 +62,24 @@ class ArrayLoader:
             self.images = self.images.pin_memory()
 
     def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        per_rank = -(-len(self.images) // self.world)
+        return -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, in batch order."""
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "order", self.epoch))
         if self.weights is not None:  # class-balanced sampling, with replacement
-            return torch.multinomial(self.weights, len(self.images), replacement=True, generator=generator)
-        if self.shuffle:
-            return torch.randperm(len(self.images), generator=generator)
-        return torch.arange(len(self.images))
+            order = torch.multinomial(self.weights, len(self.images), replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(len(self.images), generator=generator)
+        else:
+            order = torch.arange(len(self.images))
+        if self.world > 1:
+            order = torch.cat([order, order[: (-len(order)) % self.world]])[self.rank::self.world]
+        return order
 
     def __iter__(self):
         order = self.order()

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ TRAIN_KEYS = {
     "momentum": float, "scheduler": str, "warmup_epochs": int, "loss": str, "class_weights": bool,
     "focal_gamma": float, "label_smoothing": float, "sampler": str, "augment": str,
     "early_stopping_patience": int, "device": str, "deterministic": bool, "seed": int, "head": dict,
+    "nproc": int,
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
@@ -65,6 +67,8 @@ def check_config(train: dict) -> dict:
             raise PipelineError(f"train.{key} is '{train[key]}'; expected one of {', '.join(allowed)}")
     if train["epochs"] < 1:
         raise PipelineError(f"train.epochs is {train['epochs']}; expected at least 1")
+    if train["nproc"] < 1:
+        raise PipelineError(f"train.nproc is {train['nproc']}; expected at least 1")
     return train
 
 
@@ -241,6 +245,58 @@ def _set_frozen(model: models.Classifier, frozen: bool) -> None:
         parameter.requires_grad_(not frozen)
 
 
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cpu":  # share the cores instead of oversubscribing them
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+
+    def stop(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (all the same shape), in rank order."""
+        if self.world == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return parts
+
+    def gather_rows(self, loader: ArrayLoader, rows: torch.Tensor) -> torch.Tensor:
+        """Put the per-rank outputs of an unshuffled sharded ``loader`` back in data order."""
+        if self.world == 1:
+            return rows
+        full = torch.empty((len(loader.images), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        for rank, part in enumerate(self.gather(rows)):
+            index = torch.arange(len(loader.images))
+            index = torch.cat([index, index[: (-len(index)) % self.world]])[rank::self.world]
+            full[index.to(rows.device)] = part
+        return full
+
+    def in_sync(self, model: torch.nn.Module, device) -> bool:
+        """Whether every rank holds the same weights (DDP's promise, checked)."""
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1).to(device)
+        values = torch.cat(self.gather(checksum))
+        return bool((values == values[0]).all())
+
+
 def fingerprint(config: dict, data: TrainData) -> str:
     text = json.dumps(config, sort_keys=True) + data.fingerprint
     return hashlib.sha256(text.encode()).hexdigest()
@@ -258,7 +314,16 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
     name = config["model"]
     train = check_config(dict(config["train"]))
     settings = (config.get("models") or {}).get(name) or {}
+    ranks = Ranks()
     device = pick_device(train["device"])
+    if device.type == "cuda" and ranks.world > 1:
+        if ranks.local >= torch.cuda.device_count():
+            raise PipelineError(f"train.nproc is {ranks.world} but only {torch.cuda.device_count()} GPU(s) are visible")
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
+    ranks.start(device)
+    if not ranks.main:
+        log.setLevel(logging.WARNING)
     seed_everything(train["seed"], train["deterministic"], device)
     model = models.build(name, num_classes=len(CLASSES), image_size=data.image_size, settings=settings,
                          head=train["head"], pretrained=train["pretrained"], weights_path=train["weights_path"])
@@ -267,12 +332,18 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
     if train["freeze"] and name in ("simple_cnn", "fixcaps"):
         raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
+    # DDP wraps the model for training steps; saving and evaluation use the plain module.
+    net = model
+    if ranks.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train["freeze"])
 
     weights = None
     if train["sampler"] == "balanced":
         per_class = np.bincount(data.train_labels, minlength=len(CLASSES))
         weights = 1.0 / per_class[data.train_labels]
-    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": cuda}
+    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": cuda,
+              "rank": ranks.rank, "world": ranks.world}
     train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
                                shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)
     val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"], **common)
@@ -299,15 +370,22 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             state = saved["state"]
             resumed = True
             log.info("resuming from the checkpoint after epoch %d of %d", state["epoch"], train["epochs"])
-    if not resumed:
+    best_copy = Path(checkpoint_dir) / "best.pt"
+    if not resumed and ranks.main:
         checkpoint.unlink(missing_ok=True)
-    if not model_path.exists() and resumed and state["best_epoch"]:
-        raise PipelineError(f"{model_path} is gone but the checkpoint expects it; delete {checkpoint} to start over")
+        best_copy.unlink(missing_ok=True)
+    elif resumed and ranks.main and state["best_epoch"] and not model_path.exists():
+        # DVC deletes a stage's outputs before rerunning it; the best model so far lives on here.
+        if not best_copy.exists():
+            raise PipelineError(f"{model_path} and {best_copy} are gone; delete {checkpoint} to start over")
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(model_path) as tmp:
+            shutil.copyfile(best_copy, tmp)
 
     parameters = models.parameter_count(model)
     log.info("%s: %s parameters on %s; %d train / %d validation images at %d px", name, f"{parameters:,}",
              device, len(data.train_labels), len(data.val_labels), data.image_size)
-    live = Live(dir=str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None)
+    live = Live(dir=str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None) if ranks.main else None
     try:
         for epoch in range(state["epoch"] + 1, train["epochs"] + 1):
             frozen = train["freeze"] and not (0 < train["unfreeze_after_epochs"] < epoch)
@@ -318,10 +396,11 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             train_loader.set_epoch(epoch)
             started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
             predictions, targets = [], []
-            progress = bar(train_loader, desc=f"epoch {epoch}/{train['epochs']}", unit="batch", leave=False)
+            progress = bar(train_loader, desc=f"epoch {epoch}/{train['epochs']}", unit="batch", leave=False,
+                           disable=None if ranks.main else True)
             for images, labels in progress:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(images)
+                    logits = net(images)
                     loss = criterion(logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -336,27 +415,37 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
                 targets.append(labels.cpu())
                 progress.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{schedule.current():.1e}")
             elapsed = time.perf_counter() - started
+            loss_sum, seen, correct = ranks.sum([loss_sum, seen, correct], device)
             state["seconds"] += elapsed
-            state["images"] += seen
+            state["images"] += int(seen)
+            predictions = torch.cat(ranks.gather(torch.cat(predictions).to(device))).cpu()
+            targets = torch.cat(ranks.gather(torch.cat(targets).to(device))).cpu()
             train_scores = {"loss": loss_sum / seen, "accuracy": correct / seen,
-                            "balanced_accuracy": float(balanced_accuracy_score(torch.cat(targets), torch.cat(predictions)))}
+                            "balanced_accuracy": float(balanced_accuracy_score(targets, predictions))}
             probabilities, val_loss = predict(model, val_loader, amp_dtype)
+            probabilities = ranks.gather_rows(val_loader, torch.from_numpy(probabilities).to(device)).cpu().numpy()
+            (val_loss_sum,) = ranks.sum([val_loss * len(val_loader.order())], device)
+            val_loss = val_loss_sum / (-(-len(data.val_labels) // ranks.world) * ranks.world)
             val_scores = {"loss": val_loss, **scores(data.val_labels, probabilities)}
             schedule.epoch_end(val_scores["balanced_accuracy"])
 
-            live.step = epoch
-            for key, value in train_scores.items():
-                live.log_metric(f"train/{key}", value)
-            for key, value in val_scores.items():
-                live.log_metric(f"val/{key}", value)
-            live.log_metric("lr", schedule.current())
+            if live is not None:
+                live.step = epoch
+                for key, value in train_scores.items():
+                    live.log_metric(f"train/{key}", value)
+                for key, value in val_scores.items():
+                    live.log_metric(f"val/{key}", value)
+                live.log_metric("lr", schedule.current())
             improved = val_scores["balanced_accuracy"] > state["best_score"]
             if improved:
                 state.update(best_score=val_scores["balanced_accuracy"], best_epoch=epoch, stale=0,
                              best={f"val_{k}": v for k, v in val_scores.items()})
+            if improved and ranks.main:
                 modelfile.save(model_path, model, architecture=name, settings=settings, head=train["head"],
                                classes=CLASSES, image_size=data.image_size, mean=models.IMAGENET_MEAN,
                                std=models.IMAGENET_STD, training={"epoch": epoch, **state["best"]})
+                with atomic_path(best_copy) as tmp:
+                    shutil.copyfile(model_path, tmp)
             else:
                 state["stale"] += 1
             state["epoch"] = epoch
@@ -366,9 +455,10 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
                      "  *best" if improved else "", seen / elapsed)
             patience = train["early_stopping_patience"]
             stop = patience > 0 and state["stale"] >= patience
-            _save_checkpoint(checkpoint, run_id, model, optimizer, schedule, scaler, state,
-                             finished=stop or epoch == train["epochs"])
-            live.make_summary()
+            if ranks.main:
+                _save_checkpoint(checkpoint, run_id, model, optimizer, schedule, scaler, state,
+                                 finished=stop or epoch == train["epochs"])
+                live.make_summary()
             if stop:
                 log.info("early stop: no better validation balanced accuracy for %d epochs", patience)
                 break
@@ -377,15 +467,22 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
 
         summary = {
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], **state["best"],
-            "parameters": parameters, "image_size": data.image_size,
+            "parameters": parameters, "image_size": data.image_size, "processes": ranks.world,
             "train_images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
         }
-        for key, value in summary.items():
-            live.summary[key] = value
-        live.make_summary()
+        if ranks.world > 1:
+            if not ranks.in_sync(model, device):
+                raise RuntimeError("model weights differ between ranks after training")
+            log.info("weights identical on all %d ranks", ranks.world)
+        if live is not None:
+            for key, value in summary.items():
+                live.summary[key] = value
+            live.make_summary()
         return summary
     finally:
-        live.end()
+        if live is not None:
+            live.end()
+        ranks.stop()
 
 
 def _save_checkpoint(path: Path, run_id, model, optimizer, schedule, scaler, state, finished: bool) -> None:

@@ -1,5 +1,12 @@
-"""DVC stage `train`: fit the chosen model, select on validation (skinlesion.training)."""
+"""DVC stage `train`: fit the chosen model, select on validation (skinlesion.training).
 
+With train.nproc > 1 the stage starts itself again under torchrun, one process per
+GPU (or CPU share), and the processes train one model with DistributedDataParallel.
+"""
+
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from skinlesion import training
@@ -7,6 +14,11 @@ from skinlesion.cli import run_stage
 
 
 def main(params):
+    nproc = params["train"]["nproc"]
+    if isinstance(nproc, int) and nproc > 1 and "LOCAL_RANK" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "stages.train"]
+        sys.exit(subprocess.call(command))
     data = training.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"))
     config = {"model": params["model"], "models": params["models"], "train": params["train"]}
     training.fit(config, data, model_path=Path("models/model.pt"), live_dir=Path("metrics/train"),

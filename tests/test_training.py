@@ -83,8 +83,10 @@ def test_interrupted_run_resumes_exactly(data, tmp_path):
     with pytest.raises(training.Interrupted):
         fit(tmp_path / "cut", cfg, data=data, stop_after=1)
     assert list(tsv(tmp_path / "cut", "val/loss").step) == [1]
+    (tmp_path / "cut/model.pt").unlink()  # as DVC does to a stage's outputs before rerunning it
     summary = fit(tmp_path / "cut", cfg, data=data)
     assert summary["epochs_run"] == 3
+    assert (tmp_path / "cut/model.pt").read_bytes() == (tmp_path / "whole/model.pt").read_bytes()
     whole = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)

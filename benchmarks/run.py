@@ -1,0 +1,233 @@
+"""Where the time goes: throughput of the real code paths against the model alone,
+and the pipeline's stages under DVC. Run by hand; prints JSON and a markdown table.
+
+    python benchmarks/run.py                                  # synthetic data, quick
+    python benchmarks/run.py --source ../shared/ham10000      # the real copy
+    python benchmarks/run.py --models resnet50 --size 224 --batch 128 --skip-pipeline   # on a GPU
+
+Figures:
+- train: images/s of the real training step (ArrayLoader with flips + forward,
+  backward, optimiser step) against the same step on random tensors already on the
+  device; the ratio shows whether data loading starves the model.
+- loader: images/s of ArrayLoader alone, and of decoding + resizing JPEGs from
+  data/raw (what every epoch would cost without the prepare stage).
+- inference: images/s of the prediction path (skinlesion.inference.predict on
+  uint8 images) against the model's forward pass alone.
+- pipeline: wall time and peak memory of each stage in a full `dvc repro` of a
+  fresh copy of this repository, a no-op `dvc repro`, and which stages rerun after
+  one param of each stage changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from skinlesion import CLASSES, inference, models, synthetic  # noqa: E402
+from skinlesion.loader import ArrayLoader  # noqa: E402
+from skinlesion.prepare import load_image  # noqa: E402
+
+HEAD = {"hidden": 256, "dropout": 0.3}
+PARAM_CHANGES = {  # one param per stage, and the stages that should rerun
+    "download": ("download.max_unpacked_gb", 63),
+    "prepare": ("prepare.image_size", None),  # set to size - 16 at run time
+    "split": ("split.seed", 7),
+    "balance": ("balance.seed", 7),
+    "train": ("train.lr", 0.0021),
+    "evaluate": ("evaluate.tta", "flips"),
+    "explain": ("explain.per_class", 2),
+}
+
+
+def timed(step, warmup: int, repeats: int, sync) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_model(name: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> dict:
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    model = models.build(name, num_classes=len(CLASSES), image_size=size, settings={}, head=HEAD).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+
+    def step(images, labels):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp and cuda):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    fixed = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    fixed_labels = torch.randint(0, len(CLASSES), (batch,), device=device)
+    model.train()
+    model_only = batch / timed(lambda: step(fixed, fixed_labels), 2, steps, sync)
+
+    count = batch * (steps + 2)
+    pixels = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, len(CLASSES), count)
+    loader = ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+                         device=device, shuffle=True, augment="flips", channels_last=cuda)
+    batches = iter(loader)
+    real = batch / timed(lambda: step(*next(batches)), 2, steps, sync)
+
+    def load_only():
+        for _ in ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+                             device=device, shuffle=True, augment="flips", channels_last=cuda):
+            pass
+    loader_rate = count / timed(load_only, 1, 3, sync)
+
+    model.eval()
+    info = {"image_size": size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "classes": CLASSES}
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp and cuda):
+        forward_only = batch / timed(lambda: model(fixed), 2, steps, sync)
+    predict_rate = count / timed(
+        lambda: inference.predict(model, info, pixels, batch_size=batch, device=device), 1, 2, sync)
+    return {"model": name, "image_size": size, "batch": batch, "device": str(device), "amp": amp and cuda,
+            "parameters": models.parameter_count(model),
+            "train_images_per_s": round(real, 1), "train_model_only_images_per_s": round(model_only, 1),
+            "train_ratio": round(real / model_only, 3),
+            "loader_images_per_s": round(loader_rate, 1),
+            "predict_images_per_s": round(predict_rate, 1), "forward_only_images_per_s": round(forward_only, 1),
+            "predict_ratio": round(predict_rate / forward_only, 3)}
+
+
+def bench_decode(raw: Path, size: int, limit: int = 400) -> float:
+    files = sorted((raw / "images").glob("*.jpg"))[:limit]
+    start = time.perf_counter()
+    for file in files:
+        load_image(file, size)
+    return round(len(files) / (time.perf_counter() - start), 1)
+
+
+def run_timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (KiB) of the whole process tree, and output."""
+    timer = shutil.which("time") or "/usr/bin/time"
+    result = subprocess.run([timer, "-f", "@@%e %M", *command], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    wall, peak = re.findall(r"@@([\d.]+) (\d+)", result.stderr)[-1]
+    return float(wall), int(peak), result.stdout
+
+
+def set_params(project: Path, changes: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
+    project = workdir / "project"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+    set_params(project, {"download.source": "local", "download.path": str(source.resolve()), **overrides})
+    env_stage = {}
+    stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    for stage in stages:  # each stage alone, in DAG order, so each gets its own wall time and peak memory
+        wall, peak, _ = run_timed(["dvc", "repro", "--single-item", stage], project)
+        env_stage[stage] = {"seconds": wall, "peak_rss_mib": round(peak / 1024)}
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "benchmark baseline"], cwd=project, check=True)
+    noop, _, _ = run_timed(["dvc", "repro"], project)
+    reruns = {}
+    size = yaml.safe_load((project / "params.yaml").read_text())["prepare"]["image_size"]
+    for stage, (key, value) in PARAM_CHANGES.items():
+        value = size - 16 if key == "prepare.image_size" else value
+        set_params(project, {key: value})
+        _, _, out = run_timed(["dvc", "repro", "--dry"], project)  # lists downstream stages too
+        reruns[f"{key}={value}"] = re.findall(r"Running stage '(\w+)'", out)
+        subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+    return {"stages": env_stage, "noop_repro_seconds": noop, "reruns": reruns}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | px | batch | device | train img/s | model-only img/s | ratio | loader img/s "
+             "| predict img/s | forward-only img/s | ratio |", "|" + "---|" * 11]
+    for row in result["models"]:
+        lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['device']}"
+                     f"{' AMP' if row['amp'] else ''} | {row['train_images_per_s']} | "
+                     f"{row['train_model_only_images_per_s']} | {row['train_ratio']} | {row['loader_images_per_s']} | "
+                     f"{row['predict_images_per_s']} | {row['forward_only_images_per_s']} | {row['predict_ratio']} |")
+    if "decode_jpeg_images_per_s" in result:
+        lines.append(f"\nDecoding + resizing JPEGs from data/raw: {result['decode_jpeg_images_per_s']} img/s "
+                     f"(the prepared array is what the loader reads instead).")
+    if "pipeline" in result:
+        pipeline = result["pipeline"]
+        lines += ["", "| stage | wall s | peak RSS MiB |", "|---|---|---|"]
+        lines += [f"| {name} | {v['seconds']} | {v['peak_rss_mib']} |" for name, v in pipeline["stages"].items()]
+        lines.append(f"\nNo-op `dvc repro`: {pipeline['noop_repro_seconds']} s")
+        lines += ["", "| param changed | stages that rerun |", "|---|---|"]
+        lines += [f"| `{key}` | {', '.join(value)} |" for key, value in pipeline["reruns"].items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, help="a HAM10000 copy (default: a synthetic one)")
+    parser.add_argument("--models", nargs="+", default=["simple_cnn", "resnet18"])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs in the pipeline run")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    os.environ["SKINLESION_PROGRESS"] = "0"
+    device = torch.device(args.device)
+    result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "cpus": os.cpu_count(), "device": torch.cuda.get_device_name() if device.type == "cuda"
+                          else platform.processor() or platform.machine()}}
+    result["models"] = [bench_model(name, args.size, args.batch, device, args.steps, not args.no_amp)
+                        for name in args.models]
+    if not args.skip_pipeline:
+        with tempfile.TemporaryDirectory() as scratch:
+            scratch = Path(scratch)
+            source = args.source
+            if source is None:
+                source = scratch / "synthetic"
+                synthetic.make_dataset(source, layout="zips")
+            result["pipeline"] = bench_pipeline(
+                source, scratch, {"prepare.image_size": args.size, "train.epochs": args.epochs})
+            result["decode_jpeg_images_per_s"] = bench_decode(scratch / "project/data/raw", args.size)
+    text = json.dumps(result, indent=2)
+    print(text)
+    print()
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

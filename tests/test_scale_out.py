@@ -1,0 +1,68 @@
+"""Scaling out with the engines built for it: torchrun/DDP training, a DVC remote,
+and DVC's experiment queue; all on CPU, in throwaway git+DVC repositories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from skinlesion import modelfile
+from tests.conftest import make_project, run
+
+
+@pytest.fixture(scope="module")
+def project(synthetic_zips, tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("scale") / "project", synthetic_zips, {"train.epochs": 3})
+    run(["dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "first run"], root)
+    return root
+
+
+def test_two_processes_under_torchrun_train_one_model(project):
+    result = run(["dvc", "exp", "run", "-S", "train.nproc=2"], project)
+    assert "weights identical on all 2 ranks" in result.stderr
+    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert summary["processes"] == 2 and summary["epochs_run"] == 3
+    model, info = modelfile.load(project / "models/model.pt")  # one model file, loadable
+    assert info["architecture"] == "simple_cnn"
+    loss = pd.read_csv(project / "metrics/train/plots/metrics/train/loss.tsv", sep="\t")["loss"]
+    assert list(loss.index) == [0, 1, 2] and loss.iloc[-1] < loss.iloc[0]
+    assert result.stderr.count("epoch 1/3") == 1  # only rank 0 logs
+    run(["git", "checkout", "--", "."], project)
+    run(["dvc", "checkout", "--force"], project)
+
+
+def test_remote_push_then_fresh_clone_pull_has_nothing_to_do(project, tmp_path):
+    storage = tmp_path / "storage"
+    run(["dvc", "remote", "add", "-d", "shared", str(storage)], project)
+    run(["git", "commit", "-qam", "add a remote"], project)
+    run(["dvc", "push"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    assert (clone / "data/balanced/images.npy").exists() and (clone / "models/model.pt").exists()
+    status = run(["dvc", "status", "--json"], clone).stdout
+    assert json.loads(status) == {}
+    assert "Running stage" not in run(["dvc", "repro"], clone).stdout
+
+
+def test_queued_experiments_run_in_parallel_and_are_listed(project):
+    run(["dvc", "exp", "run", "--queue", "-S", "model=resnet18,efficientnet_b0"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    text = json.dumps(shown)
+    assert "resnet18" in text and "efficientnet_b0" in text
+    subprocess.run(["dvc", "queue", "stop"], cwd=project, capture_output=True)
