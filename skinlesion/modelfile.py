@@ -4,12 +4,13 @@ class names in order, input size, normalisation. Loading never unpickles code
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
 from skinlesion import PipelineError, models
-from skinlesion.files import atomic_path
+from skinlesion.files import write_bytes
 
 FORMAT = "skinlesion-model/1"
 
@@ -20,8 +21,11 @@ def save(path: str | Path, model: models.Classifier, *, architecture: str, setti
     payload = {"format": FORMAT, "architecture": architecture, "settings": dict(settings), "head": dict(head),
                "classes": list(classes), "image_size": int(image_size), "mean": list(mean), "std": list(std),
                "training": dict(training), "state_dict": state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Through a buffer: saved to a path, torch names the archive's inner folder after
+    # the (random) temporary file, and identical models would differ in their bytes.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Classifier, dict]:
