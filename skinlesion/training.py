@@ -437,15 +437,17 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
                     live.log_metric(f"val/{key}", value)
                 live.log_metric("lr", schedule.current())
             improved = val_scores["balanced_accuracy"] > state["best_score"]
+            # Every rank keeps the same early-stopping state (the scores are already
+            # reduced), so all of them leave the loop at the same epoch.
             if improved:
                 state.update(best_score=val_scores["balanced_accuracy"], best_epoch=epoch, stale=0,
                              best={f"val_{k}": v for k, v in val_scores.items()})
-            if improved and ranks.main:
-                modelfile.save(model_path, model, architecture=name, settings=settings, head=train["head"],
-                               classes=CLASSES, image_size=data.image_size, mean=models.IMAGENET_MEAN,
-                               std=models.IMAGENET_STD, training={"epoch": epoch, **state["best"]})
-                with atomic_path(best_copy) as tmp:
-                    shutil.copyfile(model_path, tmp)
+                if ranks.main:
+                    modelfile.save(model_path, model, architecture=name, settings=settings, head=train["head"],
+                                   classes=CLASSES, image_size=data.image_size, mean=models.IMAGENET_MEAN,
+                                   std=models.IMAGENET_STD, training={"epoch": epoch, **state["best"]})
+                    with atomic_path(best_copy) as tmp:
+                        shutil.copyfile(model_path, tmp)
             else:
                 state["stale"] += 1
             state["epoch"] = epoch
