@@ -15,6 +15,43 @@ import yaml
 from skinlesion import PipelineError
 
 
+NUMBER = (int, float)
+SCHEMA: dict[str, type | tuple] = {
+    # The types each param must have; the train group is checked in full by
+    # skinlesion.training.check_config, architectures' settings by models.build.
+    "model": str,
+    "download.source": str, "download.path": str, "download.dataverse_server": str, "download.dataverse_doi": str,
+    "download.isic2018_url": str, "download.cache_dir": str, "download.retries": int,
+    "download.max_unpacked_gb": NUMBER,
+    "prepare.image_size": int,
+    "split.val_fraction": NUMBER, "split.test_fraction": NUMBER, "split.seed": int,
+    "balance.strategy": str, "balance.target_per_class": int, "balance.seed": int, "balance.montage_per_class": int,
+    "balance.augment": dict,
+    "evaluate.tta": str, "evaluate.mel_specificity": NUMBER, "evaluate.batch_size": int,
+    "evaluate.grid_per_class": int, "evaluate.seed": int,
+    "explain.method": str, "explain.per_class": int, "explain.batch_size": int, "explain.seed": int,
+    "models": dict, "train": dict,
+}
+_NAMES = {int: "a whole number", str: "text", dict: "a mapping", NUMBER: "a number"}
+
+
+def check_types(values: dict, prefix: str = "") -> None:
+    """Raise PipelineError for the first param whose value has the wrong type."""
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        expected = SCHEMA.get(dotted)
+        if expected is not None:
+            kinds = expected if isinstance(expected, tuple) else (expected,)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise PipelineError(f"params.yaml: {dotted} is {value!r} ({type(value).__name__}); "
+                                    f"expected {_NAMES.get(expected, expected)}")
+            if dotted.endswith("_size") or dotted.endswith("batch_size") or dotted.endswith("per_class"):
+                if value < 1:
+                    raise PipelineError(f"params.yaml: {dotted} is {value}; expected at least 1")
+        elif isinstance(value, dict):
+            check_types(value, f"{dotted}.")
+
+
 class DeclaredParams(dict):
     """A params mapping that names the stage when code reads an undeclared key."""
 
@@ -69,4 +106,5 @@ def load(stage: str, root: str | Path = ".") -> DeclaredParams:
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = node
+    check_types(declared)
     return DeclaredParams(stage, declared)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import pandas as pd
 import requests
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from skinlesion import CLASSES, PipelineError, metadata
 from skinlesion.downloads import fetch
@@ -121,7 +121,7 @@ class Collector:
         self.unpacked += sum(info.file_size for info in infos)
         if self.unpacked > self.max_bytes:
             raise PipelineError(
-                f"{origin}: archives expand to more than {self.max_bytes / 2**30:.1f} GiB "
+                f"{origin}: archives expand to more than {self.max_bytes / 2**30:.3g} GiB "
                 f"(download.max_unpacked_gb); refusing to unpack (zip bomb?). Raise the limit "
                 f"if this source is really that large"
             )
@@ -163,6 +163,8 @@ def check_image(data: bytes, *, rgb: bool) -> str | None:
                 return f"has mode {image.mode}, expected an RGB colour image"
     except Image.DecompressionBombError as error:
         return f"is implausibly large ({error})"
+    except UnidentifiedImageError:
+        return "is empty (0 bytes)" if not data else "is not an image format Pillow recognises"
     except (OSError, SyntaxError, ValueError) as error:
         return f"cannot be decoded ({error})"
     return None
@@ -240,6 +242,9 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
     if metadata_frame is None:
         candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t))]
         if not candidates:
+            named = [t for t in tables if "metadata" in t.name.lower()]
+            if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
+                metadata.read(collector.materialize(named[0]), name=named[0].origin)
             raise PipelineError(
                 f"no metadata CSV found among {len(members)} files (expected one with columns "
                 f"lesion_id, image_id, dx, ...); tables seen: {_names([t.origin for t in tables]) or 'none'}"

@@ -131,3 +131,25 @@ def test_score_command_writes_the_evaluate_metrics(model_file, synthetic_zips, t
     scored = json.loads((tmp_path / "m.json").read_text())
     assert scored["images"] == len(pd.read_csv(synthetic_zips / "HAM10000_metadata.csv"))
     assert {"balanced_accuracy", "macro_roc_auc", "expected_calibration_error", "per_class"} <= set(scored)
+
+
+class _Payload:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_model_file_cannot_run_code(tmp_path):
+    from skinlesion import PipelineError, modelfile
+
+    marker = tmp_path / "pwned"
+    torch.save({"format": "skinlesion-model/1", "state_dict": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(PipelineError, match="evil.pt: not a loadable model file"):
+        modelfile.load(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -43,3 +43,30 @@ def test_every_stage_script_reads_only_its_own_groups():
         declared = {entry.split(".")[0] for entry in spec.get("params", [])}
         assert read == declared, f"stage {name}: reads {read}, declares {declared}"
         assert spec["cmd"] == f"python -m stages.{name}" and f"stages/{name}.py" in spec["deps"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("download.retries", "5", r"download.retries is '5' \(str\); expected a whole number"),
+    ("split.val_fraction", "0.15", r"split.val_fraction is '0.15' \(str\); expected a number"),
+    ("prepare.image_size", 128.0, r"prepare.image_size is 128.0 \(float\); expected a whole number"),
+    ("balance.seed", True, r"balance.seed is True \(bool\); expected a whole number"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size is 0; expected at least 1"),
+    ("explain.method", 3, r"explain.method is 3 \(int\); expected text"),
+    ("model", ["resnet18"], r"model is \['resnet18'\] \(list\); expected text"),
+])
+def test_wrong_param_types_are_named(tmp_path, key, value, message):
+    import shutil
+
+    from tests.conftest import set_params
+
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path)
+    shutil.copy(PROJECT / "params.yaml", tmp_path)
+    set_params(tmp_path, {key: value})
+    stage = {"model": "train"}.get(key, key.split(".")[0])
+    with pytest.raises(PipelineError, match=message):
+        params.load(stage, tmp_path)
+
+
+def test_the_shipped_params_pass_the_type_check():
+    for stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]:
+        params.load(stage, PROJECT)

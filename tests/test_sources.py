@@ -90,9 +90,18 @@ def test_undecodable_image_is_named(synthetic_folder, tmp_path, damage):
         buffer = io.BytesIO()
         Image.open(victim).convert("L").save(buffer, "JPEG")
         victim.write_bytes(buffer.getvalue())
-    with pytest.raises(PipelineError, match=rf"{victim.name} (cannot be decoded|has mode L)"):
+    with pytest.raises(PipelineError, match=rf"{victim.name} (cannot be decoded|has mode L|is empty \(0 bytes\)|"
+                                            rf"is not an image format Pillow recognises)"):
         download(source, tmp_path)
     assert not (tmp_path / "raw").exists()
+
+
+def test_broken_metadata_file_is_named_with_its_problem(synthetic_folder, tmp_path):
+    source = copy_of(synthetic_folder, tmp_path)
+    path = source / "HAM10000_metadata.csv"
+    pd.read_csv(path).drop(columns=["dx", "lesion_id"]).to_csv(path, index=False)
+    with pytest.raises(PipelineError, match="HAM10000_metadata.csv: missing column\\(s\\) lesion_id, dx"):
+        download(source, tmp_path)
 
 
 def test_two_files_for_one_image_id(synthetic_folder, tmp_path):
@@ -143,3 +152,24 @@ def test_unknown_source_and_missing_path(tmp_path):
         sources.download({**PARAMS, "path": ""}, tmp_path / "raw", tmp_path)
     with pytest.raises(PipelineError, match="does not exist"):
         download(tmp_path / "nowhere", tmp_path)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none of them."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_implausibly_large_image_is_refused_without_decoding_it(synthetic_folder, tmp_path):
+    source = copy_of(synthetic_folder, tmp_path)
+    victim = sorted((source / "HAM10000_images_part_1").iterdir())[0]
+    victim.write_bytes(_png_header_only(40000, 40000))  # 1.6 gigapixels, a few dozen bytes
+    with pytest.raises(PipelineError, match=f"{victim.name} is implausibly large"):
+        download(source, tmp_path)
+    assert not (tmp_path / "raw").exists()
