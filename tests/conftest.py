@@ -17,8 +17,10 @@ from skinlesion import synthetic
 PROJECT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "skinlesion", ".dvcignore", ".gitignore")
 
-# Progress bars would only clutter captured output.
+# Progress bars would only clutter captured output; DVC's analytics would start a
+# daemon per command that tries to reach the network.
 os.environ["SKINLESION_PROGRESS"] = "0"
+os.environ["DVC_NO_ANALYTICS"] = "1"
 
 
 @pytest.fixture(scope="session")
