@@ -2,7 +2,10 @@
 
 Each DVC stage in ``stages/`` is a thin wrapper over one module here:
 ``sources`` (download), ``prepare`` (working resolution), ``splitting``,
-``balancing`` (with ``augmentation``).
+``balancing`` (with ``augmentation``), ``training`` (with ``models``, ``loader``,
+``losses``, ``modelfile``), ``metrics`` (evaluate, with ``evaluation`` and
+``inference``) and ``explanations`` (explain). ``predict`` is the command-line use
+of a saved model; ``params`` hands each stage the params it declares.
 """
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
