@@ -54,23 +54,25 @@ def prepare(raw: Path, out: Path, size) -> dict:
         masks = np.lib.format.open_memmap(building / "masks.npy", "w+", np.uint8, (count, size, size))
         has_mask = np.zeros(count, dtype=bool)
 
-        def work(row: int) -> None:
-            image_id = frame.at[row, "image_id"]
+        def decode(image_id: str) -> tuple[np.ndarray, np.ndarray | None]:
             try:
-                images[row] = load_image(raw / "images" / f"{image_id}.jpg", size)
                 mask_path = raw / "masks" / f"{image_id}.png"
-                if mask_path.exists():
-                    masks[row] = load_mask(mask_path, size)
-                    has_mask[row] = True
+                return (load_image(raw / "images" / f"{image_id}.jpg", size),
+                        load_mask(mask_path, size) if mask_path.exists() else None)
             except (OSError, ValueError) as error:
                 raise PipelineError(f"{raw / 'images' / image_id}.jpg: {error}") from None
 
+        # Threads decode (PIL releases the GIL); this thread alone writes the arrays.
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for _ in bar(pool.map(work, range(count)), total=count, desc=f"resize to {size}px", unit="img"):
-                pass
+            decoded = pool.map(decode, frame["image_id"])
+            for row, (image, mask) in enumerate(bar(decoded, total=count, desc=f"resize to {size}px", unit="img")):
+                images[row] = image
+                if mask is not None:
+                    masks[row] = mask
+                    has_mask[row] = True
         images.flush()
         masks.flush()
-        del images, masks
+        del images, masks  # close the memory maps before the folder is renamed into place
         index = frame.loc[:, ["image_id", "lesion_id", "dx"]].copy()
         index["label"] = index["dx"].map(CLASSES.index)
         index["has_mask"] = has_mask.astype(int)
