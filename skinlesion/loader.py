@@ -29,6 +29,14 @@ def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return batch
 
 
+def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s share of ``order``: every ``world``-th index from ``rank`` on,
+    after padding with the first indices so every rank gets as many."""
+    if world == 1:
+        return order
+    return torch.cat([order, order[: (-len(order)) % world]])[rank::world]
+
+
 class ArrayLoader:
     """Iterates ``(images, labels)`` batches: float, normalised, N x 3 x S x S.
 
@@ -77,9 +85,7 @@ class ArrayLoader:
             order = torch.randperm(len(self.images), generator=generator)
         else:
             order = torch.arange(len(self.images))
-        if self.world > 1:
-            order = torch.cat([order, order[: (-len(order)) % self.world]])[self.rank::self.world]
-        return order
+        return shard(order, self.rank, self.world)
 
     def __iter__(self):
         order = self.order()

@@ -26,7 +26,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from skinlesion import CLASSES, PipelineError, losses, modelfile, models
 from skinlesion.files import atomic_path
-from skinlesion.loader import ArrayLoader
+from skinlesion.loader import ArrayLoader, shard
 from skinlesion.prepare import Prepared
 from skinlesion.progress import bar
 
@@ -285,9 +285,7 @@ class Ranks:
             return rows
         full = torch.empty((len(loader.images), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         for rank, part in enumerate(self.gather(rows)):
-            index = torch.arange(len(loader.images))
-            index = torch.cat([index, index[: (-len(index)) % self.world]])[rank::self.world]
-            full[index.to(rows.device)] = part
+            full[shard(torch.arange(len(loader.images)), rank, self.world).to(rows.device)] = part
         return full
 
     def in_sync(self, model: torch.nn.Module, device) -> bool:
