@@ -72,12 +72,11 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     model = models.build(name, num_classes=len(CLASSES), image_size=size, settings={}, head=HEAD).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = models.channels_last(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last
 
     def step(images, labels):
         with torch.autocast(device.type, dtype=dtype, enabled=amp and cuda):
@@ -97,14 +96,14 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
     pixels = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     labels = np.random.default_rng(1).integers(0, len(CLASSES), count)
     loader = ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                         device=device, shuffle=True, augment="flips", channels_last=cuda)
+                         device=device, shuffle=True, augment="flips", channels_last=True)
     batches = iter(loader)
     real = batch / timed(lambda: step(*next(batches)), 2, steps, sync)
     model_only = max(model_only, batch / timed(lambda: step(fixed, fixed_labels), 1, steps, sync))
 
     def load_only():
         for _ in ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                             device=device, shuffle=True, augment="flips", channels_last=cuda):
+                             device=device, shuffle=True, augment="flips", channels_last=True):
             pass
     loader_rate = count / timed(load_only, 1, 3, sync)
 

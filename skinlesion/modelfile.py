@@ -43,4 +43,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.C
                          image_size=payload["image_size"], settings=payload["settings"], head=payload["head"])
     model.load_state_dict(payload["state_dict"])
     info = {key: value for key, value in payload.items() if key != "state_dict"}
-    return model.to(device).eval(), info
+    return models.channels_last(model.to(device)).eval(), info

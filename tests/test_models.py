@@ -31,6 +31,21 @@ def test_forward_and_backward(name):
     assert model.cam_layer in dict(model.named_modules())
 
 
+@pytest.mark.parametrize("name", list(models.ARCHITECTURES))
+def test_channels_last_changes_layout_not_results(name):
+    torch.manual_seed(0)
+    size = 64 if name == "fixcaps" else 32
+    model = models.build(name, num_classes=7, image_size=size, settings=SMALL.get(name, {}), head=HEAD).eval()
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model(images)
+        models.channels_last(model)
+        got = model(images.contiguous(memory_format=torch.channels_last))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_head_is_configurable():
     model = models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head={"hidden": 0, "dropout": 0.5})
     assert [type(m).__name__ for m in model.head.mlp] == ["Dropout", "Linear"]
