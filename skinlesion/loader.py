@@ -15,7 +15,13 @@ import torch
 from skinlesion import PipelineError
 from skinlesion.files import stable_seed
 
-AUGMENTS = ("none", "flips")
+AUGMENTS = ("none", "flips", "strong")
+
+# "strong": the flips plus, per sample, a rotation by any angle, a zoom into the
+# image, a shift, and brightness/contrast/saturation jitter (ranges below).
+ZOOM = (1.0, 1.25)
+SHIFT = 0.08         # fraction of the side, either way
+JITTER = 0.2         # brightness, contrast and saturation factors in 1 +- JITTER
 
 
 def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -27,6 +33,28 @@ def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if batch.shape[2] == batch.shape[3]:
         batch = torch.where(draws[2].view(shape), batch.transpose(2, 3), batch)
     return batch
+
+
+def affine_and_colour(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample rotation (any angle), zoom, shift (reflected borders) and colour
+    jitter of a float batch in 0..255, N x 3 x H x W."""
+    n = len(batch)
+    draws = torch.rand((7, n), generator=generator, dtype=torch.float32).to(batch.device)
+    angle = draws[0] * 2 * torch.pi
+    scale = 1 / (ZOOM[0] + draws[1] * (ZOOM[1] - ZOOM[0]))
+    shift = (draws[2:4] * 2 - 1) * SHIFT * 2  # affine_grid spans -1..1
+    theta = torch.stack([torch.stack([scale * angle.cos(), -scale * angle.sin(), shift[0]], 1),
+                         torch.stack([scale * angle.sin(), scale * angle.cos(), shift[1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
+    batch = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection",
+                                            align_corners=False)
+    brightness, contrast, saturation = (1 + (draws[4:7] * 2 - 1) * JITTER).view(3, n, 1, 1, 1)
+    batch = batch * brightness
+    grey = (batch * torch.tensor([0.299, 0.587, 0.114], device=batch.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    batch = grey + (batch - grey) * saturation
+    mean = grey.mean(dim=(2, 3), keepdim=True)
+    batch = mean + (batch - mean) * contrast
+    return batch.clamp(0, 255)
 
 
 def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -93,7 +121,9 @@ class ArrayLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch = self.images[index].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            if self.augment == "flips":
+            if self.augment in ("flips", "strong"):
                 batch = dihedral(batch, generator)
+            if self.augment == "strong":
+                batch = affine_and_colour(batch, generator)
             batch = ((batch - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield batch, self.labels[index].to(self.device, non_blocking=True)

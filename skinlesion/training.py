@@ -42,7 +42,7 @@ TRAIN_KEYS = {
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
-SAMPLERS = ("shuffle", "balanced")
+SAMPLERS = ("shuffle", "balanced", "sqrt")
 
 
 class Interrupted(Exception):
@@ -245,6 +245,15 @@ def _set_frozen(model: models.Classifier, frozen: bool) -> None:
         parameter.requires_grad_(not frozen)
 
 
+def sampling_weights(labels: np.ndarray, sampler: str) -> np.ndarray | None:
+    """Per-image draw weights: each class drawn equally often (``balanced``) or in
+    proportion to the square root of its count (``sqrt``); None for plain shuffling."""
+    if sampler == "shuffle":
+        return None
+    per_class = np.bincount(labels).astype(float)
+    return (1.0 / per_class if sampler == "balanced" else per_class ** -0.5)[labels]
+
+
 class Ranks:
     """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
 
@@ -327,7 +336,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
                          head=train["head"], pretrained=train["pretrained"], weights_path=train["weights_path"])
     cuda = device.type == "cuda"
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    model = models.channels_last(model.to(device))
     if train["freeze"] and name in ("simple_cnn", "fixcaps"):
         raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
     # DDP wraps the model for training steps; saving and evaluation use the plain module.
@@ -336,11 +345,8 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train["freeze"])
 
-    weights = None
-    if train["sampler"] == "balanced":
-        per_class = np.bincount(data.train_labels, minlength=len(CLASSES))
-        weights = 1.0 / per_class[data.train_labels]
-    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": cuda,
+    weights = sampling_weights(data.train_labels, train["sampler"])
+    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": True,
               "rank": ranks.rank, "world": ranks.world}
     train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
                                shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)

@@ -180,11 +180,36 @@ def test_schedules():
     assert trajectory("none", warmup=0) == [1.0] * 20
 
 
-def test_balanced_sampler_evens_out_classes(data):
+@pytest.mark.parametrize("sampler, share", [("balanced", 0.5), ("sqrt", 0.25), ("shuffle", 0.1)])
+def test_samplers_draw_classes_in_the_stated_shares(sampler, share):
     labels = np.array([0] * 90 + [1] * 10)
     images = np.zeros((100, 8, 8, 3), dtype=np.uint8)
     loader = ArrayLoader(images, labels, batch_size=100, mean=(0, 0, 0), std=(1, 1, 1), device=torch.device("cpu"),
-                         weights=1.0 / np.bincount(labels)[labels], seed=1)
-    drawn = np.concatenate([next(iter(loader))[1].numpy() for _ in range(20)])
-    assert abs((drawn == 1).mean() - 0.5) < 0.05
+                         weights=training.sampling_weights(labels, sampler), shuffle=True, seed=1)
+    drawn = []
+    for epoch in range(20):
+        loader.set_epoch(epoch)
+        drawn.append(next(iter(loader))[1].numpy())
+    assert abs((np.concatenate(drawn) == 1).mean() - share) < 0.04  # sqrt: sqrt(10) / (sqrt(90) + sqrt(10))
     assert math.isclose(len(loader), 1)
+
+
+def test_strong_augmentation_is_seeded_in_range_and_more_than_flips():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 24, 24, 3), dtype=np.uint8)
+    labels = np.arange(16) % 7
+
+    def first_batch(augment, seed=3):
+        loader = ArrayLoader(images, labels, batch_size=16, mean=(0, 0, 0), std=(1, 1, 1),
+                             device=torch.device("cpu"), augment=augment, seed=seed)
+        return next(iter(loader))[0]
+
+    strong = first_batch("strong")
+    assert strong.shape == (16, 3, 24, 24) and strong.min() >= 0 and strong.max() <= 255
+    torch.testing.assert_close(strong, first_batch("strong"), rtol=0, atol=0)  # same seed, same batch
+    assert not torch.equal(strong, first_batch("strong", seed=4))
+    flips = first_batch("flips")
+    # a flip only permutes pixels; rotation by any angle, zoom and colour jitter change the values
+    assert not torch.equal(strong.flatten(1).sort(1).values, flips.flatten(1).sort(1).values)
+    assert torch.equal(flips.flatten(1).sort(1).values,
+                       first_batch("none").flatten(1).sort(1).values)
