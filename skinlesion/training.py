@@ -361,7 +361,8 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
 
     run_id = fingerprint({"model": name, "settings": settings, "train": train}, data)
     checkpoint = Path(checkpoint_dir) / "last.pt"
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "seconds": 0.0, "images": 0}
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "seconds": 0.0, "images": 0,
+             "wall_seconds": 0.0}
     resumed = False
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -371,7 +372,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             schedule.load_state_dict(saved["schedule"])
             scaler.load_state_dict(saved["scaler"])
             torch.set_rng_state(saved["torch_rng"])
-            state = saved["state"]
+            state = {**state, **saved["state"]}
             resumed = True
             log.info("resuming from the checkpoint after epoch %d of %d", state["epoch"], train["epochs"])
     best_copy = Path(checkpoint_dir) / "best.pt"
@@ -433,6 +434,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             val_scores = {"loss": val_loss, **scores(data.val_labels, probabilities)}
             schedule.epoch_end(val_scores["balanced_accuracy"])
 
+            state["wall_seconds"] += time.perf_counter() - started
             if live is not None:
                 live.step = epoch
                 for key, value in train_scores.items():
@@ -475,6 +477,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], **state["best"],
             "parameters": parameters, "image_size": data.image_size, "processes": ranks.world,
             "train_images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
+            "train_minutes": round(state["wall_seconds"] / 60, 1),  # every epoch, validation included
         }
         if ranks.world > 1:
             if not ranks.in_sync(model, device):
