@@ -477,7 +477,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], **state["best"],
             "parameters": parameters, "image_size": data.image_size, "processes": ranks.world,
             "train_images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
-            "train_minutes": round(state["wall_seconds"] / 60, 1),  # every epoch, validation included
+            "train_seconds": round(state["wall_seconds"], 1),  # every epoch, validation included
         }
         if ranks.world > 1:
             if not ranks.in_sync(model, device):
