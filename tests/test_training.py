@@ -42,7 +42,8 @@ def data(synthetic_zips, tmp_path_factory) -> training.TrainData:
 
 def config(model="simple_cnn", **train) -> dict:
     settings = copy.deepcopy(DEFAULTS["train"])
-    settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, **train})
+    # flips and plain shuffling, whatever the default recipe: these tests are about the loop
+    settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, "augment": "flips", "sampler": "shuffle", **train})
     return {"model": model, "models": DEFAULTS["models"], "train": settings}
 
 
