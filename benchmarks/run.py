@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs in the pipeline run")
+    parser.add_argument("--pipeline-model", default="simple_cnn", help="the model trained in the pipeline run")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -226,7 +227,7 @@ def main() -> None:
                 source = scratch / "synthetic"
                 synthetic.make_dataset(source, layout="zips")
             result["pipeline"] = bench_pipeline(
-                source, scratch, {"prepare.image_size": args.size, "train.epochs": args.epochs})
+                source, scratch, {"prepare.image_size": args.size, "train.epochs": args.epochs, "model": args.pipeline_model})
             result["decode_jpeg_images_per_s"] = bench_decode(scratch / "project/data/raw", args.size)
     text = json.dumps(result, indent=2)
     print(text)
