@@ -96,14 +96,14 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
     pixels = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     labels = np.random.default_rng(1).integers(0, len(CLASSES), count)
     loader = ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                         device=device, shuffle=True, augment="flips", channels_last=True)
+                         device=device, shuffle=True, augment="flips")
     batches = iter(loader)
     real = batch / timed(lambda: step(*next(batches)), 2, steps, sync)
     model_only = max(model_only, batch / timed(lambda: step(fixed, fixed_labels), 1, steps, sync))
 
     def load_only():
         for _ in ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                             device=device, shuffle=True, augment="flips", channels_last=True):
+                             device=device, shuffle=True, augment="flips"):
             pass
     loader_rate = count / timed(load_only, 1, 3, sync)
 

@@ -76,7 +76,7 @@ class ArrayLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
                  device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
-                 channels_last: bool = False, weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+                 weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
         if augment not in AUGMENTS:
             raise PipelineError(f"train.augment is '{augment}'; expected one of {', '.join(AUGMENTS)}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -91,7 +91,6 @@ class ArrayLoader:
         self.epoch = 0
         self.rank, self.world = rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         if device.type == "cuda":
@@ -125,5 +124,5 @@ class ArrayLoader:
                 batch = dihedral(batch, generator)
             if self.augment == "strong":
                 batch = affine_and_colour(batch, generator)
-            batch = ((batch - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # see models.channels_last
             yield batch, self.labels[index].to(self.device, non_blocking=True)

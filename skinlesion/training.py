@@ -346,7 +346,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train["freeze"])
 
     weights = sampling_weights(data.train_labels, train["sampler"])
-    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device, "channels_last": True,
+    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device,
               "rank": ranks.rank, "world": ranks.world}
     train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
                                shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)
