@@ -52,7 +52,7 @@ PARAM_CHANGES = {  # one param per stage, and the stages that should rerun
     "split": ("split.seed", 7),
     "balance": ("balance.seed", 7),
     "train": ("train.lr", 0.0021),
-    "evaluate": ("evaluate.tta", "flips"),
+    "evaluate": ("evaluate.mel_specificity", 0.8),
     "explain": ("explain.per_class", 2),
 }
 

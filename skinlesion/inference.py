@@ -1,11 +1,17 @@
-"""Class probabilities from a saved model, with optional test-time augmentation."""
+"""Class probabilities from a saved model, scored the way its file says.
+
+A model file written by the calibrate stage carries its ``scoring``: the test-time
+augmentation, the logit adjustment and the temperature chosen on validation. Every
+consumer (evaluate, explain, the prediction command) goes through ``predict`` here,
+so the same model gives the same answer on every path.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, calibration
 from skinlesion.progress import bar
 
 TTA = ("none", "flips", "dihedral")
@@ -28,11 +34,16 @@ def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
     return (batch - mean) / std
 
 
+def scoring(info: dict) -> dict:
+    """The model file's scoring, or the identity (no TTA, no adjustment) for a model
+    straight from training."""
+    return {**calibration.IDENTITY, **(info.get("scoring") or {})}
+
+
 @torch.no_grad()
-def predict(model, info: dict, images: np.ndarray, *, batch_size: int = 128, tta: str = "none",
-            device: str | torch.device = "cpu", progress: str | None = None) -> np.ndarray:
-    """N x classes probabilities for uint8 images at the model's input size; with
-    ``tta`` the softmax is averaged over flipped (or all eight dihedral) views."""
+def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
+                device: str | torch.device = "cpu", progress: str | None = None) -> np.ndarray:
+    """V x N x classes raw logits, one slice per test-time view of ``tta``."""
     if tta not in TTA:
         raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
     size = info["image_size"]
@@ -43,8 +54,17 @@ def predict(model, info: dict, images: np.ndarray, *, batch_size: int = 128, tta
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
-        views = _views(batch, tta)
-        out.append(torch.stack([model(view).float().softmax(dim=1) for view in views]).mean(0).cpu())
+        out.append(torch.stack([model(view).float() for view in _views(batch, tta)]).cpu())
     if not out:
-        return np.zeros((0, len(info["classes"])), dtype=np.float32)
-    return torch.cat(out).numpy()
+        return np.zeros((len(_views(torch.zeros(1, 3, 1, 1), tta)), 0, len(info["classes"])), dtype=np.float32)
+    return torch.cat(out, dim=1).numpy()
+
+
+def predict(model, info: dict, images: np.ndarray, *, batch_size: int = 128, device: str | torch.device = "cpu",
+            progress: str | None = None) -> np.ndarray:
+    """N x classes probabilities for uint8 images at the model's input size, scored as
+    the model file says (TTA, logit adjustment, temperature)."""
+    how = scoring(info)
+    logits = view_logits(model, info, images, tta=how["tta"], batch_size=batch_size, device=device,
+                         progress=progress)
+    return calibration.probabilities(logits, how).astype(np.float32)

@@ -45,7 +45,33 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+class LogitAdjusted(nn.Module):
+    """The logit-adjusted loss of Menon et al. (ICLR 2021): the wrapped loss sees
+    ``logits + tau * log(prior)``, so the network itself learns prior-free scores
+    whose argmax targets balanced error, without re-weighting or re-sampling."""
+
+    def __init__(self, loss: nn.Module, offsets: torch.Tensor):
+        super().__init__()
+        self.loss = loss
+        self.register_buffer("offsets", offsets)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits + self.offsets, target)
+
+
 def build(name: str, *, weighted: bool, label_smoothing: float, gamma: float, labels: np.ndarray,
+          num_classes: int, logit_adjust: float = 0.0, prior: np.ndarray | None = None) -> nn.Module:
+    """The training loss; with ``logit_adjust`` > 0, logit-adjusted by ``prior`` (the
+    class shares the sampler actually draws)."""
+    loss = _base(name, weighted=weighted, label_smoothing=label_smoothing, gamma=gamma, labels=labels,
+                 num_classes=num_classes)
+    if not logit_adjust:
+        return loss
+    prior = np.asarray(prior, dtype=np.float64)
+    return LogitAdjusted(loss, torch.tensor(logit_adjust * np.log(prior / prior.sum()), dtype=torch.float32))
+
+
+def _base(name: str, *, weighted: bool, label_smoothing: float, gamma: float, labels: np.ndarray,
           num_classes: int) -> nn.Module:
     if name not in LOSSES:
         raise PipelineError(f"train.loss is '{name}'; expected one of {', '.join(LOSSES)}")

@@ -56,7 +56,8 @@ def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specific
     return float(tpr[allowed].max())
 
 
-def evaluate(labels: np.ndarray, probabilities: np.ndarray, *, mel_specificity: float = 0.9) -> dict:
+def evaluate(labels: np.ndarray, probabilities: np.ndarray, *, mel_specificity: float = 0.9,
+             mel_threshold: float | None = None) -> dict:
     """Every metric, as plain JSON types; ``probabilities`` is N x 7 in CLASSES order."""
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -91,6 +92,11 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray, *, mel_specificity: 
     if 0 < (labels == mel).sum() < len(labels):
         result[f"mel_sensitivity_at_specificity_{mel_specificity:g}"] = sensitivity_at_specificity(
             labels == mel, probabilities[:, mel], mel_specificity)
+        if mel_threshold is not None:  # chosen on validation, applied here once
+            flagged, positive = probabilities[:, mel] >= mel_threshold, labels == mel
+            result["mel_operating_point"] = {
+                "threshold": float(mel_threshold), "sensitivity": float(flagged[positive].mean()),
+                "specificity": float((~flagged[~positive]).mean())}
     return result
 
 

@@ -21,6 +21,10 @@ def save(path: str | Path, model: models.Classifier, *, architecture: str, setti
     payload = {"format": FORMAT, "architecture": architecture, "settings": dict(settings), "head": dict(head),
                "classes": list(classes), "image_size": int(image_size), "mean": list(mean), "std": list(std),
                "training": dict(training), "state_dict": state}
+    _write(path, payload)
+
+
+def _write(path: str | Path, payload: dict) -> None:
     # Through a buffer: saved to a path, torch names the archive's inner folder after
     # the (random) temporary file, and identical models would differ in their bytes.
     buffer = io.BytesIO()
@@ -28,9 +32,15 @@ def save(path: str | Path, model: models.Classifier, *, architecture: str, setti
     write_bytes(path, buffer.getvalue())
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Classifier, dict]:
-    """The model (in eval mode, on ``device``) and its description."""
-    path = Path(path)
+def with_scoring(source: str | Path, target: str | Path, scoring: dict) -> None:
+    """Copy the model file ``source`` to ``target`` with its ``scoring`` (how it is
+    meant to be applied: TTA, logit adjustment, temperature, thresholds) set."""
+    payload = _read(Path(source))
+    payload["scoring"] = dict(scoring)
+    _write(target, payload)
+
+
+def _read(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -39,6 +49,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.C
         raise PipelineError(f"{path}: not a loadable model file ({str(error).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PipelineError(f"{path}: not a {FORMAT} file")
+    return payload
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Classifier, dict]:
+    """The model (in eval mode, on ``device``) and its description."""
+    payload = _read(Path(path))
     model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
                          image_size=payload["image_size"], settings=payload["settings"], head=payload["head"])
     model.load_state_dict(payload["state_dict"])

@@ -54,7 +54,7 @@ def decode_all(members: list[sources.Member], size: int) -> tuple[list[int], np.
     return ok, pixels, errors
 
 
-def predict_files(model_path: Path, inputs: list[Path], out: Path, tta: str, batch_size: int) -> int:
+def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int) -> int:
     model, info = modelfile.load(model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = sources.Collector(Path(scratch), MAX_BYTES)
@@ -63,7 +63,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, tta: str, bat
             ok, pixels, errors = decode_all(members, info["image_size"])
         finally:
             collector.close()
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, tta=tta, progress="predict")
+    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="predict")
     frame = pd.DataFrame({"file": [members[i].origin for i in ok],
                           "image_id": [Path(members[i].name).stem for i in ok]})
     for index, name in enumerate(info["classes"]):
@@ -77,7 +77,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, tta: str, bat
     return 1 if errors else 0
 
 
-def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, tta: str, batch_size: int,
+def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, batch_size: int,
                  mel_specificity: float) -> int:
     model, info = modelfile.load(model_path)
     if list(info["classes"]) != list(CLASSES):
@@ -100,7 +100,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         finally:
             collector.close()
     truth = frame["dx"].map(CLASSES.index).to_numpy()[ok]
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, tta=tta, progress="score")
+    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="score")
     write_json(out, metrics.evaluate(truth, probabilities, mel_specificity=mel_specificity))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")
     parser.add_argument("--score", action="store_true", help="score on a labelled HAM10000-layout source")
     parser.add_argument("--labels", type=Path, help="with --score: only the image_ids of this CSV (e.g. data/split/test.csv)")
-    parser.add_argument("--tta", default="none", choices=inference.TTA)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mel-specificity", type=float, default=0.9)
     args = parser.parse_args(argv)
@@ -124,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.score:
             if len(args.inputs) != 1:
                 raise PipelineError("--score takes one source (a folder or zip in HAM10000 layout)")
-            return score_source(args.model, args.inputs[0], args.labels, args.out, args.tta, args.batch_size,
+            return score_source(args.model, args.inputs[0], args.labels, args.out, args.batch_size,
                                 args.mel_specificity)
-        return predict_files(args.model, args.inputs, args.out, args.tta, args.batch_size)
+        return predict_files(args.model, args.inputs, args.out, args.batch_size)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

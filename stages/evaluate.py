@@ -17,9 +17,9 @@ def main(params):
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
-    probabilities = inference.predict(model, info, images, batch_size=settings["batch_size"],
-                                      tta=settings["tta"], progress="evaluate")
-    result = metrics.evaluate(test["label"].to_numpy(), probabilities, mel_specificity=settings["mel_specificity"])
+    probabilities = inference.predict(model, info, images, batch_size=settings["batch_size"], progress="evaluate")
+    result = metrics.evaluate(test["label"].to_numpy(), probabilities, mel_specificity=settings["mel_specificity"],
+                              mel_threshold=inference.scoring(info).get("mel_threshold"))
     write_json(Path("metrics/evaluate.json"), result)
     evaluation.write_plots(Path("plots/evaluate"), test, probabilities, images, settings["grid_per_class"],
                            settings["seed"])

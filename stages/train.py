@@ -21,7 +21,7 @@ def main(params):
         sys.exit(subprocess.call(command))
     data = training.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"))
     config = {"model": params["model"], "models": params["models"], "train": params["train"]}
-    training.fit(config, data, model_path=Path("models/model.pt"), live_dir=Path("metrics/train"),
+    training.fit(config, data, model_path=Path("models/trained.pt"), live_dir=Path("metrics/train"),
                  checkpoint_dir=Path("models/checkpoints"))
 
 
