@@ -87,18 +87,19 @@ def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | Non
 
 def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None):
-    """Heat maps for every image (predicted class as target) and, where a mask
-    exists, its lesion scores. Returns per-image rows and the heat maps of the
-    indices in ``keep`` (for overlays)."""
-    from skinlesion.inference import normalise
+    """Heat maps for every image (its predicted class, scored as the model file says,
+    as target) and, where a mask exists, its lesion scores. Returns per-image rows and
+    the heat maps of the indices in ``keep`` (for overlays)."""
+    from skinlesion.inference import normalise, predict
     from skinlesion.progress import bar
 
     rows, kept = [], {}
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
-        batch = normalise(images[start:start + batch_size], info, "cpu")
-        cams, logits = heatmaps(model, batch, method=method)
-        predicted = logits.argmax(dim=1).numpy()
+        pixels = images[start:start + batch_size]
+        predicted = predict(model, info, pixels, batch_size=batch_size).argmax(axis=1)
+        cams, _ = heatmaps(model, normalise(pixels, info, "cpu"), method=method,
+                           target=torch.from_numpy(predicted))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None

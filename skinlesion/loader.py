@@ -22,6 +22,7 @@ AUGMENTS = ("none", "flips", "strong")
 ZOOM = (1.0, 1.25)
 SHIFT = 0.08         # fraction of the side, either way
 JITTER = 0.2         # brightness, contrast and saturation factors in 1 +- JITTER
+GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 
 
 def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -36,25 +37,32 @@ def dihedral(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def affine_and_colour(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample rotation (any angle), zoom, shift (reflected borders) and colour
-    jitter of a float batch in 0..255, N x 3 x H x W."""
+    """Per sample: a random reflection, a rotation by any angle, a zoom and a shift
+    (reflected borders), then brightness, saturation and contrast jitter, on a float
+    batch in 0..255, N x 3 x H x W.
+
+    The reflection and any-angle rotation already cover the eight flips/turns, so
+    the geometry is one ``grid_sample``; the colour jitter is folded into one
+    per-sample blend of the image, its grey version and its mean grey:
+    contrast(saturation(brightness(x))) = a*x + b*grey(x) + c."""
     n = len(batch)
-    draws = torch.rand((7, n), generator=generator, dtype=torch.float32).to(batch.device)
+    draws = torch.rand((8, n), generator=generator, dtype=torch.float32).to(batch.device)
     angle = draws[0] * 2 * torch.pi
     scale = 1 / (ZOOM[0] + draws[1] * (ZOOM[1] - ZOOM[0]))
     shift = (draws[2:4] * 2 - 1) * SHIFT * 2  # affine_grid spans -1..1
-    theta = torch.stack([torch.stack([scale * angle.cos(), -scale * angle.sin(), shift[0]], 1),
-                         torch.stack([scale * angle.sin(), scale * angle.cos(), shift[1]], 1)], 1)
+    mirror = torch.where(draws[7] < 0.5, -1.0, 1.0)  # x -> -x before the rotation
+    cos, sin = scale * angle.cos(), scale * angle.sin()
+    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[0]], 1),
+                         torch.stack([sin * mirror, cos, shift[1]], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
     batch = torch.nn.functional.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection",
                                             align_corners=False)
     brightness, contrast, saturation = (1 + (draws[4:7] * 2 - 1) * JITTER).view(3, n, 1, 1, 1)
-    batch = batch * brightness
-    grey = (batch * torch.tensor([0.299, 0.587, 0.114], device=batch.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    batch = grey + (batch - grey) * saturation
-    mean = grey.mean(dim=(2, 3), keepdim=True)
-    batch = mean + (batch - mean) * contrast
-    return batch.clamp(0, 255)
+    grey = torch.einsum("nchw,c->nhw", batch, GREY.to(batch.device)).unsqueeze(1)
+    a = contrast * saturation * brightness
+    b = contrast * (1 - saturation) * brightness
+    c = (1 - contrast) * brightness * grey.mean(dim=(2, 3), keepdim=True)
+    return torch.addcmul(c, a, batch).add_(b * grey).clamp_(0, 255)
 
 
 def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -120,9 +128,9 @@ class ArrayLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch = self.images[index].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            if self.augment in ("flips", "strong"):
+            if self.augment == "flips":
                 batch = dihedral(batch, generator)
-            if self.augment == "strong":
+            elif self.augment == "strong":
                 batch = affine_and_colour(batch, generator)
             batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # see models.channels_last
             yield batch, self.labels[index].to(self.device, non_blocking=True)

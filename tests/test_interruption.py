@@ -38,5 +38,5 @@ def test_killed_training_resumes_on_the_next_repro(synthetic_zips, tmp_path):
     epochs = pd.read_csv(project / "metrics/train/plots/metrics/val/balanced_accuracy.tsv", sep="\t")["step"]
     assert list(epochs) == list(range(1, 13))  # each epoch logged once, none lost, none repeated
     assert f"epoch {done + 1}/12" in result.stderr and "epoch 1/12" not in result.stderr
-    assert (project / "models/model.pt").exists()
+    assert (project / "models/trained.pt").exists()
     assert "train" in (project / "dvc.lock").read_text()

@@ -79,8 +79,9 @@ def test_training_loss_falls(data, tmp_path):
     assert loss.iloc[-1] < 0.7 * loss.iloc[0]
 
 
-def test_interrupted_run_resumes_exactly(data, tmp_path):
-    cfg = config(epochs=3)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_run_resumes_exactly(data, tmp_path, ema):
+    cfg = config(epochs=3, ema=ema)
     fit(tmp_path / "whole", cfg, data=data)
     with pytest.raises(training.Interrupted):
         fit(tmp_path / "cut", cfg, data=data, stop_after=1)
@@ -138,6 +139,10 @@ def test_freezing_a_model_without_pretrained_backbone_is_refused(data, tmp_path)
     ({"colour": 1}, r"unknown \['colour'\]"),
     ({"loss": "hinge"}, "train.loss is 'hinge'; expected one of cross_entropy, focal"),
     ({"device": "tpu"}, "train.device is 'tpu'"),
+    ({"precision": "int8"}, "train.precision is 'int8'; expected one of auto, fp32, bf16, fp16"),
+    ({"select": "f1"}, "train.select is 'f1'; expected one of macro_auc, log_loss, balanced_accuracy"),
+    ({"ema": 1.0}, r"train.ema is 1.0; expected a decay in \[0, 1\)"),
+    ({"logit_adjust": -1.0}, "train.logit_adjust is -1.0; expected 0"),
 ])
 def test_bad_train_params(data, tmp_path, change, message):
     with pytest.raises(PipelineError, match=message):
@@ -215,3 +220,36 @@ def test_strong_augmentation_is_seeded_in_range_and_more_than_flips():
     assert not torch.equal(strong.flatten(1).sort(1).values, flips.flatten(1).sort(1).values)
     assert torch.equal(flips.flatten(1).sort(1).values,
                        first_batch("none").flatten(1).sort(1).values)
+
+
+def test_the_moving_average_is_what_gets_validated_and_saved(data, tmp_path):
+    fit(tmp_path, config(epochs=2, ema=0.5, early_stopping_patience=0, select="log_loss"), data=data)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    checkpoint = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    raw = checkpoint["model"]
+    assert not all(torch.equal(raw[k], saved[k]) for k in raw)  # not the raw weights...
+    best = torch.load(tmp_path / "model.pt", weights_only=True)["training"]["epoch"]
+    if best == 2:  # ...but the average, when the last epoch was the best
+        assert all(torch.equal(averaged[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("select, column, better", [("macro_auc", "macro_auc", max), ("log_loss", "loss", min),
+                                                    ("balanced_accuracy", "balanced_accuracy", max)])
+def test_the_best_epoch_is_the_best_by_the_chosen_criterion(data, tmp_path, select, column, better):
+    summary = fit(tmp_path, config(epochs=4, lr=0.01, scheduler="none", warmup_epochs=0, select=select,
+                                   early_stopping_patience=0), data=data)
+    curve = tsv(tmp_path, f"val/{column}")
+    values = list(curve[column])
+    assert summary["best_epoch"] == int(curve["step"][values.index(better(values))])
+
+
+def test_precision_choice_and_a_bf16_run_on_cpu(data, tmp_path):
+    cpu = torch.device("cpu")
+    assert training.amp_dtype("fp32", cpu) is None
+    assert training.amp_dtype("bf16", cpu) == torch.bfloat16 and training.amp_dtype("fp16", cpu) == torch.float16
+    assert training.amp_dtype("auto", cpu) == (torch.bfloat16 if training.cpu_has_bf16() else None)
+    summary = fit(tmp_path, config(epochs=2, precision="bf16", scheduler="none", warmup_epochs=0), data=data)
+    assert summary["precision"] == "bfloat16"
+    loss = tsv(tmp_path, "train/loss")["loss"]
+    assert loss.iloc[-1] < loss.iloc[0]
