@@ -41,9 +41,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skinlesion import CLASSES, inference, models, synthetic  # noqa: E402
-from skinlesion.loader import ArrayLoader  # noqa: E402
-from skinlesion.prepare import load_image  # noqa: E402
+from skinlesion import CLASSES, synthetic  # noqa: E402
+from skinlesion.evaluation import inference  # noqa: E402
+from skinlesion.training import models  # noqa: E402
+from skinlesion.training.loader import ArrayLoader  # noqa: E402
+from skinlesion.data.prepare import load_image  # noqa: E402
 
 HEAD = {"hidden": 256, "dropout": 0.3}
 PARAM_CHANGES = {  # one param per stage, and the stages that should rerun

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from skinlesion import PipelineError, models
+from skinlesion import PipelineError
+from skinlesion.training import models
 from skinlesion.files import write_bytes
 
 FORMAT = "skinlesion-model/1"

@@ -7,6 +7,7 @@ stage cannot silently depend on a param whose change would not rerun it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,26 @@ def _declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
     return keys
 
 
+def _lookup(values: dict, dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _interpolate(key: str, values: dict) -> str:
+    """``models.${model}`` -> ``models.resnet18``, as DVC's templating reads it."""
+    def value(match: re.Match) -> str:
+        try:
+            return str(_lookup(values, match.group(1)))
+        except KeyError:
+            raise PipelineError(f"dvc.yaml names ${{{match.group(1)}}}, which params.yaml does not have") from None
+
+    return re.sub(r"\$\{([\w.]+)\}", value, key)
+
+
 def load(stage: str, root: str | Path = ".") -> DeclaredParams:
     """Return the params ``stage`` declares, with dotted keys nested as in params.yaml."""
     root = Path(root)
@@ -98,6 +119,7 @@ def load(stage: str, root: str | Path = ".") -> DeclaredParams:
         raise PipelineError(f"{params_file} not found; run stages from the project root") from None
     declared: dict[str, Any] = {}
     for key in _declared_keys(stage, root / "dvc.yaml"):
+        key = _interpolate(key, values)
         node: Any = values
         parts = key.split(".")
         for part in parts:

@@ -24,16 +24,18 @@ import numpy as np
 import pandas as pd
 from PIL import UnidentifiedImageError
 
-from skinlesion import CLASSES, PipelineError, inference, metrics, modelfile, sources
+from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion.evaluation import inference, metrics
 from skinlesion.files import write_csv, write_json
-from skinlesion.prepare import load_image
+from skinlesion.data.prepare import load_image
 from skinlesion.progress import bar
+from skinlesion.data import archives, assemble
 
 log = logging.getLogger("skinlesion.predict")
 MAX_BYTES = 64 * 2**30
 
 
-def decode_all(members: list[sources.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:
+def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:
     """Decode ``members`` at ``size``; returns the indices that worked, their pixels,
     and one error line per file that did not."""
 
@@ -57,7 +59,7 @@ def decode_all(members: list[sources.Member], size: int) -> tuple[list[int], np.
 def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int) -> int:
     model, info = modelfile.load(model_path)
     with tempfile.TemporaryDirectory() as scratch:
-        collector = sources.Collector(Path(scratch), MAX_BYTES)
+        collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
             members = collector.collect(inputs)
             ok, pixels, errors = decode_all(members, info["image_size"])
@@ -83,9 +85,9 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
     with tempfile.TemporaryDirectory() as scratch:
-        collector = sources.Collector(Path(scratch), MAX_BYTES)
+        collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
-            found = sources.index(collector, collector.collect([source]))
+            found = assemble.index(collector, collector.collect([source]))
             frame = found.metadata
             if labels is not None:
                 wanted = pd.read_csv(labels, dtype=str)

@@ -5,23 +5,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinlesion import balancing, plots
+from skinlesion import plots
+from skinlesion.data import balance
 from skinlesion.cli import run_stage
 from skinlesion.files import atomic_dir, write_csv, write_json, write_npy
-from skinlesion.prepare import Prepared
+from skinlesion.data.prepare import Prepared
 
 
 def main(params):
     settings = params["balance"]
     train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
-    planned = balancing.plan(train, settings["strategy"], settings["target_per_class"], settings["seed"])
+    planned = balance.plan(train, settings["strategy"], settings["target_per_class"], settings["seed"])
     rows = prepared.rows(planned["image_id"])
-    images = balancing.render(planned, prepared.images, rows, settings["augment"], settings["seed"])
+    images = balance.render(planned, prepared.images, rows, settings["augment"], settings["seed"])
     with atomic_dir(Path("data/balanced")) as building:
         write_npy(building / "images.npy", images)
         write_csv(building / "train.csv", planned)
-    summary = balancing.summary(train, planned, settings["strategy"])
+    summary = balance.summary(train, planned, settings["strategy"])
     write_json(Path("metrics/balance.json"), summary)
     originals = {image_id: prepared.images[row] for image_id, row in zip(planned["image_id"], rows)}
     plots.montage(images, planned, originals, Path("plots/balance/augmented_montage.png"),

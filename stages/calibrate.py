@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinlesion import calibration, inference, modelfile
+from skinlesion import modelfile
+from skinlesion.evaluation import calibrate, inference
 from skinlesion.cli import run_stage
 from skinlesion.files import write_json
-from skinlesion.prepare import Prepared
+from skinlesion.data.prepare import Prepared
 
 
 def main(params):
@@ -23,7 +24,7 @@ def main(params):
     images = prepared.images[prepared.rows(val["image_id"])]
     logits = inference.view_logits(model, info, images, tta=settings["tta"], batch_size=settings["batch_size"],
                                    progress="calibrate")
-    scoring, report = calibration.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
+    scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
     modelfile.with_scoring(trained, Path("models/model.pt"), scoring)

@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
-from skinlesion import sources
+
 from skinlesion.cli import run_stage
+from skinlesion.data import download
 
 
 def main(params):
     settings = params["download"]
-    sources.download(settings, out=Path("data/raw"), cache=Path(settings["cache_dir"]))
+    download.download(settings, out=Path("data/raw"), cache=Path(settings["cache_dir"]))
 
 
 if __name__ == "__main__":

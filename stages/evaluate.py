@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinlesion import evaluation, inference, metrics, modelfile
+from skinlesion import modelfile
+from skinlesion.evaluation import evaluate, inference, metrics
 from skinlesion.cli import run_stage
 from skinlesion.files import write_json
-from skinlesion.prepare import Prepared
+from skinlesion.data.prepare import Prepared
 
 
 def main(params):
@@ -21,7 +22,7 @@ def main(params):
     result = metrics.evaluate(test["label"].to_numpy(), probabilities, mel_specificity=settings["mel_specificity"],
                               mel_threshold=inference.scoring(info).get("mel_threshold"))
     write_json(Path("metrics/evaluate.json"), result)
-    evaluation.write_plots(Path("plots/evaluate"), test, probabilities, images, settings["grid_per_class"],
+    evaluate.write_plots(Path("plots/evaluate"), test, probabilities, images, settings["grid_per_class"],
                            settings["seed"])
     logging.info("test: balanced accuracy %.3f, accuracy %.3f, macro F1 %.3f, macro ROC AUC %.3f (%d images)",
                  result["balanced_accuracy"], result["accuracy"], result["macro_f1"], result["macro_roc_auc"],

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinlesion import CLASSES, explanations, modelfile, plots
+from skinlesion import CLASSES, modelfile, plots
+from skinlesion.evaluation import explain
 from skinlesion.cli import run_stage
 from skinlesion.files import atomic_dir, write_json
-from skinlesion.prepare import Prepared
+from skinlesion.data.prepare import Prepared
 
 
 def main(params):
@@ -25,10 +26,10 @@ def main(params):
     rng = np.random.default_rng(settings["seed"])
     shown = {name: sorted(rng.choice(np.flatnonzero(labels == i), min(settings["per_class"], (labels == i).sum()),
                                      replace=False).tolist()) for i, name in enumerate(CLASSES)}
-    scored, cams = explanations.score_split(model, info, images, masks, has_mask, method=settings["method"],
+    scored, cams = explain.score_split(model, info, images, masks, has_mask, method=settings["method"],
                                             batch_size=settings["batch_size"],
                                             keep={i for chosen in shown.values() for i in chosen}, progress="explain")
-    summary = {"method": settings["method"], **explanations.summarise(scored, labels, CLASSES)}
+    summary = {"method": settings["method"], **explain.summarise(scored, labels, CLASSES)}
     write_json(Path("metrics/explain.json"), summary)
     with atomic_dir(Path("plots/explain")) as out:
         for name, chosen in shown.items():

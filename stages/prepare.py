@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from skinlesion import prepare
+from skinlesion.data import prepare
 from skinlesion.cli import run_stage
 
 

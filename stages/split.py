@@ -3,7 +3,8 @@
 import logging
 from pathlib import Path
 
-from skinlesion import metadata, plots, splitting
+from skinlesion import plots
+from skinlesion.data import metadata, split
 from skinlesion.cli import run_stage
 from skinlesion.files import atomic_dir, write_csv, write_json
 
@@ -11,16 +12,16 @@ from skinlesion.files import atomic_dir, write_csv, write_json
 def main(params):
     settings = params["split"]
     frame = metadata.read(Path("data/raw/metadata.csv"))
-    manifests = splitting.split(frame, settings["val_fraction"], settings["test_fraction"], settings["seed"])
+    manifests = split.split(frame, settings["val_fraction"], settings["test_fraction"], settings["seed"])
     with atomic_dir(Path("data/split")) as building:
         for name, manifest in manifests.items():
             write_csv(building / f"{name}.csv", manifest)
-    summary = splitting.summary(manifests)
+    summary = split.summary(manifests)
     write_json(Path("metrics/split.json"), summary)
-    plots.class_distribution({name: summary[name]["classes"] for name in splitting.SPLITS},
+    plots.class_distribution({name: summary[name]["classes"] for name in split.SPLITS},
                              Path("plots/split/class_distribution.png"),
                              "Images per class in each split (lesion-grouped)")
-    for name in splitting.SPLITS:
+    for name in split.SPLITS:
         logging.info("%-5s %5d images, %5d lesions", name, summary[name]["images"], summary[name]["lesions"])
     logging.info("lesions shared between splits: %s", summary["shared_lesions"])
 

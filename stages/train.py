@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from skinlesion import training
+from skinlesion.training import train
 from skinlesion.cli import run_stage
 
 
@@ -19,9 +19,9 @@ def main(params):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "stages.train"]
         sys.exit(subprocess.call(command))
-    data = training.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"))
+    data = train.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"))
     config = {"model": params["model"], "models": params["models"], "train": params["train"]}
-    training.fit(config, data, model_path=Path("models/trained.pt"), live_dir=Path("metrics/train"),
+    train.fit(config, data, model_path=Path("models/trained.pt"), live_dir=Path("metrics/train"),
                  checkpoint_dir=Path("models/checkpoints"))
 
 

@@ -76,7 +76,8 @@ def make_project(root: Path, source: Path, overrides: dict | None = None) -> Pat
                       "prepare.image_size": 32, "balance.strategy": "threshold", "balance.target_per_class": 12,
                       "train.sampler": "shuffle", "train.augment": "flips", "calibrate.tta": "none",
                       "train.epochs": 1, "train.batch_size": 16, "models.fixcaps.kernel": 9,
-                      "models.vit_b_16": {"layers": 2, "heads": 2, "hidden_dim": 32, "mlp_dim": 64},
+                      "models.vit_b_16.layers": 2, "models.vit_b_16.heads": 2, "models.vit_b_16.hidden_dim": 32,
+                      "models.vit_b_16.mlp_dim": 64,
                       **(overrides or {})})
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlesion import CLASSES, PipelineError, balancing, metadata, splitting
-from skinlesion.augmentation import augment, build
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data import balance, metadata, split
+from skinlesion.data.augmentation import augment, build
 
 AUGMENT = {"rotate": 180, "scale": 0.1, "shift": 0.05, "hflip": True, "vflip": True,
            "brightness": 0.15, "contrast": 0.15, "hue": 5, "saturation": 10}
@@ -16,12 +17,12 @@ AUGMENT = {"rotate": 180, "scale": 0.1, "shift": 0.05, "hflip": True, "vflip": T
 @pytest.fixture()
 def train(synthetic_zips) -> pd.DataFrame:
     frame = metadata.read(synthetic_zips / "HAM10000_metadata.csv")
-    return splitting.split(frame, 0.15, 0.15, seed=0)["train"]
+    return split.split(frame, 0.15, 0.15, seed=0)["train"]
 
 
 def test_threshold_downsamples_big_classes_and_fills_small_ones(train):
     target = 10
-    planned = balancing.plan(train, "threshold", target, seed=0)
+    planned = balance.plan(train, "threshold", target, seed=0)
     assert (planned.dx.value_counts() == target).all() and set(planned.dx) == set(CLASSES)
     assert set(planned.image_id) <= set(train.image_id)  # nothing from outside the train split
     for dx in CLASSES:
@@ -40,7 +41,7 @@ def test_threshold_downsamples_big_classes_and_fills_small_ones(train):
 
 
 def test_none_keeps_train_as_it_is(train):
-    planned = balancing.plan(train, "none", 500, seed=0)
+    planned = balance.plan(train, "none", 500, seed=0)
     assert sorted(planned.image_id) == sorted(train.image_id) and planned.augmented.sum() == 0
 
 
@@ -51,8 +52,8 @@ def test_plan_and_render_are_reproducible(train, tmp_path):
     lookup = dict(zip(train.image_id, rows))
     runs = []
     for _ in range(2):
-        planned = balancing.plan(train, "threshold", 10, seed=3)
-        runs.append((planned, balancing.render(planned, images, planned.image_id.map(lookup).to_numpy(), AUGMENT, 3)))
+        planned = balance.plan(train, "threshold", 10, seed=3)
+        runs.append((planned, balance.render(planned, images, planned.image_id.map(lookup).to_numpy(), AUGMENT, 3)))
     assert runs[0][0].equals(runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
     planned, rendered = runs[0]
     augmented = planned.index[planned.augmented == 1]
@@ -60,7 +61,7 @@ def test_plan_and_render_are_reproducible(train, tmp_path):
     assert not np.array_equal(rendered[augmented], originals[augmented])  # copies really are augmented
     kept = planned.index[planned.augmented == 0]
     assert np.array_equal(rendered[kept], originals[kept])  # originals untouched
-    other = balancing.plan(train, "threshold", 10, seed=4)
+    other = balance.plan(train, "threshold", 10, seed=4)
     assert not other.equals(planned)
 
 
@@ -80,7 +81,7 @@ def test_augmenting_one_image_does_not_depend_on_order():
 ])
 def test_bad_params(train, strategy, target, message):
     with pytest.raises(PipelineError, match=message):
-        balancing.plan(train, strategy, target, seed=0)
+        balance.plan(train, strategy, target, seed=0)
 
 
 def test_bad_augment_params():
@@ -92,4 +93,4 @@ def test_bad_augment_params():
 
 def test_empty_class_in_train_is_an_error(train):
     with pytest.raises(PipelineError, match="no image of class\\(es\\) vasc"):
-        balancing.plan(train[train.dx != "vasc"], "threshold", 10, seed=0)
+        balance.plan(train[train.dx != "vasc"], "threshold", 10, seed=0)

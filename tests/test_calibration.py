@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from skinlesion import PipelineError, calibration, losses
+from skinlesion import PipelineError
+from skinlesion.evaluation import calibrate
+from skinlesion.training import losses
 
 PRIOR = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
 
@@ -26,22 +28,22 @@ def sample(n: int, seed: int = 0, prior=PRIOR) -> tuple[np.ndarray, np.ndarray]:
 def test_logits_scaled_by_three_give_back_a_temperature_near_three():
     z, labels = sample(4000)
     over_confident = 3 * (z + np.log(PRIOR))  # calibrated logits, multiplied by 3
-    t = calibration.fit_temperature(over_confident[None], labels, {"tau": 0.0})
+    t = calibrate.fit_temperature(over_confident[None], labels, {"tau": 0.0})
     assert t == pytest.approx(3.0, rel=0.08)
-    raw = calibration.log_loss(over_confident[None], labels, {})
-    assert calibration.log_loss(over_confident[None], labels, {"temperature": t}) < raw
+    raw = calibrate.log_loss(over_confident[None], labels, {})
+    assert calibrate.log_loss(over_confident[None], labels, {"temperature": t}) < raw
 
 
 def test_a_calibrated_model_keeps_temperature_one():
     z, labels = sample(4000, seed=1)
-    assert calibration.fit_temperature((z + np.log(PRIOR))[None], labels, {}) == pytest.approx(1.0, rel=0.08)
+    assert calibrate.fit_temperature((z + np.log(PRIOR))[None], labels, {}) == pytest.approx(1.0, rel=0.08)
 
 
 def test_post_hoc_adjustment_reaches_the_bayes_balanced_rule_and_trades_accuracy_for_it():
     z, labels = sample(20000, seed=2)
     logits = (z + np.log(PRIOR))[None]  # a model that learnt the prior, as plain training does
     prior = np.log(PRIOR).tolist()
-    tau, rows = calibration.fit_tau(logits, labels, prior, "balanced_accuracy")
+    tau, rows = calibrate.fit_tau(logits, labels, prior, "balanced_accuracy")
     # Balanced error is minimised by argmax p(y|x) / P(y), with P(y) the labels' own class shares.
     shares = np.bincount(labels, minlength=7) / len(labels)
     bayes = (z + np.log(PRIOR) - np.log(shares)).argmax(1)
@@ -50,32 +52,32 @@ def test_post_hoc_adjustment_reaches_the_bayes_balanced_rule_and_trades_accuracy
     assert by_tau[tau]["balanced_accuracy"] == pytest.approx(bayes_balanced, abs=0.01)
     assert by_tau[tau]["balanced_accuracy"] > by_tau[0.0]["balanced_accuracy"] + 0.05
     assert by_tau[tau]["accuracy"] < by_tau[0.0]["accuracy"]  # the trade the objective decides
-    tau_mean, _ = calibration.fit_tau(logits, labels, prior, "mean_accuracy")
+    tau_mean, _ = calibrate.fit_tau(logits, labels, prior, "mean_accuracy")
     assert 0 < tau_mean < tau
-    assert calibration.fit_tau(logits, labels, prior, "none")[0] == 0.0
+    assert calibrate.fit_tau(logits, labels, prior, "none")[0] == 0.0
     with pytest.raises(PipelineError, match="calibrate.adjust is 'f1'"):
-        calibration.fit_tau(logits, labels, prior, "f1")
+        calibrate.fit_tau(logits, labels, prior, "f1")
 
 
 def test_melanoma_threshold_reaches_the_target_sensitivity_on_the_images_it_was_chosen_on():
     positive = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
     score = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.95, 0.35, 0.01])
-    threshold = calibration.threshold_for_sensitivity(positive, score, 0.9)
+    threshold = calibrate.threshold_for_sensitivity(positive, score, 0.9)
     assert threshold == 0.1  # 9 of 10 melanomas at or above it; the next one up catches only 8
     assert (score[positive] >= threshold).mean() >= 0.9
-    assert calibration.threshold_for_sensitivity(positive, score, 1.0) == 0.05
+    assert calibrate.threshold_for_sensitivity(positive, score, 1.0) == 0.05
 
 
 def test_fit_writes_a_scoring_that_probabilities_apply():
     z, labels = sample(3000, seed=3)
     views = np.stack([3 * (z + np.log(PRIOR)), 3 * (z + np.log(PRIOR)) + 0.1])
-    scoring, report = calibration.fit(views, labels, labels, tta="flips", adjust="balanced_accuracy",
+    scoring, report = calibrate.fit(views, labels, labels, tta="flips", adjust="balanced_accuracy",
                                       method="temperature", mel_sensitivity=0.9,
                                       classes=("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"))
     assert scoring["tta"] == "flips" and scoring["tau"] > 0.5 and 2.5 < scoring["temperature"] < 3.5
     assert report["val_after"]["balanced_accuracy"] > report["val_before"]["balanced_accuracy"]
     assert report["val_log_loss_after"] < report["val_log_loss_before"]
-    mel = calibration.probabilities(views, scoring)[:, 4]
+    mel = calibrate.probabilities(views, scoring)[:, 4]
     assert (mel[labels == 4] >= scoring["mel_threshold"]).mean() >= 0.9
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skinlesion import CLASSES, PipelineError, sources
-from skinlesion.downloads import fetch
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data.http import fetch
+from skinlesion.data import download
 from tests.conftest import make_project, run_stage, set_params
 
 DOI = "doi:10.7910/DVN/DBW86T"
@@ -58,7 +59,7 @@ def test_dataverse_download_verifies_and_shows_progress(http_server, synthetic_z
                                                         monkeypatch):
     monkeypatch.setenv("SKINLESION_PROGRESS", "1")
     serve_dataverse(http_server, synthetic_zips)
-    record = sources.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
+    record = download.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
 
     expected = pd.read_csv(synthetic_zips / "HAM10000_metadata.csv")
     assert record["images"] == len(expected) and record["masks"] == len(expected)
@@ -72,7 +73,7 @@ def test_dataverse_download_verifies_and_shows_progress(http_server, synthetic_z
 
     # A second run finds the verified files in the cache and downloads nothing.
     before = len(http_server.requests)
-    sources.download(dataverse_params(http_server, tmp_path), tmp_path / "raw2", tmp_path / "cache")
+    download.download(dataverse_params(http_server, tmp_path), tmp_path / "raw2", tmp_path / "cache")
     assert len(http_server.requests) == before + 1  # the listing only
 
 
@@ -83,7 +84,7 @@ def test_resumes_after_a_cut_connection(http_server, synthetic_zips, tmp_path, c
     http_server.cuts["/api/access/datafile/100"] = [cut]
 
     with caplog.at_level(logging.INFO):
-        sources.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
+        download.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
 
     ranges = [rng for path, rng in http_server.requests if path == "/api/access/datafile/100"]
     assert ranges == [None, f"bytes={cut}-"]  # the retry asked only for the rest
@@ -116,7 +117,7 @@ def test_server_that_ignores_range_restarts_cleanly(http_server, tmp_path):
 def test_checksum_mismatch_fails_and_leaves_nothing(http_server, synthetic_zips, tmp_path):
     serve_dataverse(http_server, synthetic_zips, wrong_md5_for="HAM10000_images_part_1.zip")
     with pytest.raises(PipelineError, match=r"HAM10000_images_part_1.zip: md5 checksum mismatch"):
-        sources.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
+        download.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
     assert not (tmp_path / "raw").exists()
     cache = tmp_path / "cache/dataverse"
     assert not (cache / "HAM10000_images_part_1.zip").exists()
@@ -164,7 +165,7 @@ def test_isic2018_source_records_hashes_and_catches_a_change(http_server, synthe
     files = serve_isic(http_server, synthetic_zips)
     params = {"source": "isic2018", "isic2018_url": f"{http_server.url}/2018", "retries": 1,
               "max_unpacked_gb": 1, "path": ""}
-    record = sources.download(params, tmp_path / "raw", tmp_path / "cache")
+    record = download.download(params, tmp_path / "raw", tmp_path / "cache")
 
     official = pd.read_csv(synthetic_zips / "HAM10000_metadata.csv").sort_values("image_id")
     raw = pd.read_csv(tmp_path / "raw/metadata.csv")
@@ -179,5 +180,5 @@ def test_isic2018_source_records_hashes_and_catches_a_change(http_server, synthe
     (tmp_path / "cache/isic2018/ISIC2018_Task3_Training_LesionGroupings.csv").unlink()
     http_server.files["/2018/ISIC2018_Task3_Training_LesionGroupings.csv"] += b"\n"
     with pytest.raises(PipelineError, match="differs from the copy first downloaded"):
-        sources.download(params, tmp_path / "raw2", tmp_path / "cache")
+        download.download(params, tmp_path / "raw2", tmp_path / "cache")
     assert not (tmp_path / "raw2").exists()

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlesion import explanations, metrics, models
+from skinlesion.evaluation import explain, metrics
+from skinlesion.training import models
 
 # Four test images of classes 0 and 1; image 1 is wrong (class 0 predicted as 1).
 LABELS = np.array([0, 0, 1, 1])
@@ -55,12 +56,12 @@ def test_reliability_bins():
 
 
 @pytest.mark.parametrize("name", ["simple_cnn", "resnet_transformer", "vit_b_16"])
-@pytest.mark.parametrize("method", explanations.METHODS)
+@pytest.mark.parametrize("method", explain.METHODS)
 def test_heat_maps_have_the_image_shape(name, method):
     torch.manual_seed(0)
     settings = {"layers": 1, "heads": 2, "hidden_dim": 16, "mlp_dim": 16} if name == "vit_b_16" else {}
     model = models.build(name, num_classes=7, image_size=64, settings=settings, head={"hidden": 8, "dropout": 0})
-    cams, logits = explanations.heatmaps(model, torch.randn(2, 3, 64, 64), method=method)
+    cams, logits = explain.heatmaps(model, torch.randn(2, 3, 64, 64), method=method)
     assert cams.shape == (2, 64, 64) and logits.shape == (2, 7)
     assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
 
@@ -70,15 +71,15 @@ def test_lesion_scores_inside_and_outside_the_mask():
     mask[4:12, 4:12] = 1
     inside = np.zeros((16, 16))
     inside[6:10, 6:10] = 1.0
-    assert explanations.lesion_scores(inside, mask) == (1.0, True)
+    assert explain.lesion_scores(inside, mask) == (1.0, True)
     outside = np.zeros((16, 16))
     outside[0:2, :] = 0.5
     outside[0, 0] = 1.0
-    assert explanations.lesion_scores(outside, mask) == (0.0, False)
-    assert explanations.lesion_scores(np.zeros((16, 16)), mask) is None
+    assert explain.lesion_scores(outside, mask) == (0.0, False)
+    assert explain.lesion_scores(np.zeros((16, 16)), mask) is None
     half = np.zeros((16, 16))
     half[8, 8], half[0, 0] = 1.0, 1.0
-    assert explanations.lesion_scores(half, mask)[0] == pytest.approx(0.5)
+    assert explain.lesion_scores(half, mask)[0] == pytest.approx(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from skinlesion import models
+from skinlesion.training import models
 from tests.conftest import make_project, run
 
 
@@ -52,4 +52,6 @@ def test_experiments_are_listed(project):
 def _settings(project, name):
     import yaml
 
-    return yaml.safe_load((project / "params.yaml").read_text())["models"][name] or {}
+    settings = dict(yaml.safe_load((project / "params.yaml").read_text())["models"][name] or {})
+    settings.pop("head", None)
+    return settings

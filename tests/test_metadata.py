@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skinlesion import PipelineError, metadata
+from skinlesion import PipelineError
+from skinlesion.data import metadata
 
 HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
 

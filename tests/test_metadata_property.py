@@ -11,7 +11,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skinlesion import CLASSES, METADATA_COLUMNS, PipelineError, metadata
+from skinlesion import CLASSES, METADATA_COLUMNS, PipelineError
+from skinlesion.data import metadata
 
 cells = st.one_of(st.sampled_from(list(CLASSES) + ["MEL", " nv ", "", "melanoma", "HAM_1", "ISIC_1", "../x",
                                                    "80.0", "nan", '"', ",", "\n"]),

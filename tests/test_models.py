@@ -10,7 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from skinlesion import PipelineError, models
+from skinlesion import PipelineError
+from skinlesion.training import models
 
 HEAD = {"hidden": 32, "dropout": 0.1}
 SMALL = {"fixcaps": {"channels": 16, "kernel": 9, "primary_types": 4},

@@ -135,3 +135,36 @@ def test_metrics_and_plots_diff_show_an_experiment_against_the_baseline(project)
     assert any("Balanced accuracy" in name for name in plots) and any("ROC" in name for name in plots)
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
+
+
+def _touch(project, module: str) -> None:
+    """A harmless edit, as a user's would be: a comment appended to the module."""
+    path = project / module
+    path.write_text(path.read_text() + "\n# edited\n")
+
+
+@pytest.mark.parametrize("module, stages", [
+    # plots.py draws for split, balance, evaluate and explain; their data outputs do not
+    # change, so nothing downstream of them reruns
+    ("skinlesion/plots.py", ["split", "balance", "evaluate", "explain"]),
+    ("skinlesion/evaluation/explain.py", ["explain"]),
+    ("skinlesion/training/schedule.py", ["train"]),
+])
+def test_editing_code_reruns_exactly_the_stages_that_import_it(project, module, stages):
+    _touch(project, module)
+    try:
+        assert ran(run(["dvc", "repro"], project).stdout) == stages
+    finally:
+        run(["git", "checkout", module], project)
+        run(["dvc", "repro"], project)
+
+
+def test_another_models_settings_rerun_nothing_the_chosen_ones_rerun_train(project):
+    assert yaml.safe_load((project / "params.yaml").read_text())["model"] == "simple_cnn"
+    set_params(project, {"models.fixcaps.channels": 8, "models.resnet18.head.hidden": 16})
+    try:
+        assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
+        set_params(project, {"models.simple_cnn.head.hidden": 16})
+        assert set(json.loads(run(["dvc", "status", "--json"], project).stdout)) == {"train"}
+    finally:
+        run(["git", "checkout", "params.yaml"], project)

@@ -7,13 +7,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion import PipelineError, prepare, sources
+from skinlesion import PipelineError
+from skinlesion.data import prepare
+from skinlesion.data import download
 
 
 @pytest.fixture(scope="module")
 def raw(synthetic_zips, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare")
-    sources.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
+    download.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
                      root / "raw", root / "cache")
     return root / "raw"
 

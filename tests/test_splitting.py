@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from skinlesion import CLASSES, PipelineError, metadata, splitting
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data import metadata, split
 
 
 @pytest.fixture()
@@ -14,8 +15,8 @@ def frame(synthetic_zips) -> pd.DataFrame:
 
 
 def test_no_lesion_on_two_sides_and_every_image_placed_once(frame):
-    manifests = splitting.split(frame, 0.15, 0.15, seed=1)
-    assert splitting.shared_lesions(manifests) == {"train-val": 0, "train-test": 0, "val-test": 0}
+    manifests = split.split(frame, 0.15, 0.15, seed=1)
+    assert split.shared_lesions(manifests) == {"train-val": 0, "train-test": 0, "val-test": 0}
     placed = pd.concat(manifests.values())
     assert sorted(placed.image_id) == sorted(frame.image_id)
     # Some lesions have several images: all of them follow their lesion.
@@ -25,31 +26,31 @@ def test_no_lesion_on_two_sides_and_every_image_placed_once(frame):
 
 
 def test_every_class_in_every_split_with_labels_in_class_order(frame):
-    for name, manifest in splitting.split(frame, 0.15, 0.15, seed=2).items():
+    for name, manifest in split.split(frame, 0.15, 0.15, seed=2).items():
         assert set(manifest.dx) == set(CLASSES), name
         assert (manifest.label == manifest.dx.map(CLASSES.index)).all()
         assert list(manifest.image_id) == sorted(manifest.image_id)
 
 
 def test_fractions_are_of_lesions(frame):
-    manifests = splitting.split(frame, 0.2, 0.3, seed=0)
+    manifests = split.split(frame, 0.2, 0.3, seed=0)
     lesions = frame.lesion_id.nunique()
     assert manifests["test"].lesion_id.nunique() == round(0.3 * lesions)
     assert manifests["val"].lesion_id.nunique() == round(0.2 * lesions)
 
 
 def test_same_seed_same_split_other_seed_other_split(frame):
-    a, b = splitting.split(frame, 0.15, 0.15, seed=7), splitting.split(frame, 0.15, 0.15, seed=7)
-    c = splitting.split(frame, 0.15, 0.15, seed=8)
-    assert all(a[name].equals(b[name]) for name in splitting.SPLITS)
+    a, b = split.split(frame, 0.15, 0.15, seed=7), split.split(frame, 0.15, 0.15, seed=7)
+    c = split.split(frame, 0.15, 0.15, seed=8)
+    assert all(a[name].equals(b[name]) for name in split.SPLITS)
     assert not a["test"].equals(c["test"])
 
 
 def test_leak_check_catches_a_shared_lesion(frame):
-    manifests = splitting.split(frame, 0.15, 0.15, seed=1)
+    manifests = split.split(frame, 0.15, 0.15, seed=1)
     manifests["test"] = pd.concat([manifests["test"], manifests["train"].head(1)])
     with pytest.raises(AssertionError, match="lesions shared between splits"):
-        splitting.check_disjoint(manifests, total=len(frame) + 1)
+        split.check_disjoint(manifests, total=len(frame) + 1)
 
 
 @pytest.mark.parametrize("val, test, message", [
@@ -59,10 +60,10 @@ def test_leak_check_catches_a_shared_lesion(frame):
 ])
 def test_bad_fractions(frame, val, test, message):
     with pytest.raises(PipelineError, match=message):
-        splitting.split(frame, val, test, seed=0)
+        split.split(frame, val, test, seed=0)
 
 
 def test_class_with_too_few_lesions(frame):
     rare = frame[frame.dx == "df"].lesion_id.unique()[:-2]
     with pytest.raises(PipelineError, match=r"fewer than 3 lesions cannot be split three ways: df \(2\)"):
-        splitting.split(frame[~frame.lesion_id.isin(rare)], 0.15, 0.15, seed=0)
+        split.split(frame[~frame.lesion_id.isin(rare)], 0.15, 0.15, seed=0)

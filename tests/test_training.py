@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
+import os
+import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -12,8 +16,14 @@ import pytest
 import torch
 import yaml
 
-from skinlesion import PipelineError, balancing, losses, modelfile, prepare, sources, splitting, training
-from skinlesion.loader import ArrayLoader
+from skinlesion import PipelineError, modelfile
+from skinlesion.data import balance, prepare, split
+from skinlesion.training import losses, train
+from skinlesion.evaluation.metrics import headline
+from skinlesion.training.devices import amp_dtype, cpu_has_bf16
+from skinlesion.training.loader import ArrayLoader
+from skinlesion.training.schedule import Schedule
+from skinlesion.data import download
 from tests.conftest import PROJECT
 
 AUGMENT = yaml.safe_load((PROJECT / "params.yaml").read_text())["balance"]["augment"]
@@ -21,23 +31,23 @@ DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
-def data(synthetic_zips, tmp_path_factory) -> training.TrainData:
+def data(synthetic_zips, tmp_path_factory) -> train.TrainData:
     """The data stages' real output for the synthetic set, at 32 px."""
     root = tmp_path_factory.mktemp("training")
-    sources.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
+    download.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
                      root / "raw", root / "cache")
     prepare.prepare(root / "raw", root / "prepared", 32)
-    manifests = splitting.split(pd.read_csv(root / "raw/metadata.csv", dtype=str), 0.15, 0.15, seed=0)
+    manifests = split.split(pd.read_csv(root / "raw/metadata.csv", dtype=str), 0.15, 0.15, seed=0)
     (root / "split").mkdir()
     for name, manifest in manifests.items():
         manifest.to_csv(root / "split" / f"{name}.csv", index=False)
     loaded = prepare.Prepared(root / "prepared")
-    planned = balancing.plan(manifests["train"], "threshold", 12, seed=0)
-    images = balancing.render(planned, loaded.images, loaded.rows(planned.image_id), AUGMENT, 0)
+    planned = balance.plan(manifests["train"], "threshold", 12, seed=0)
+    images = balance.render(planned, loaded.images, loaded.rows(planned.image_id), AUGMENT, 0)
     (root / "balanced").mkdir()
     np.save(root / "balanced/images.npy", images)
     planned.to_csv(root / "balanced/train.csv", index=False)
-    return training.load_data(root / "balanced", root / "split", root / "prepared")
+    return train.load_data(root / "balanced", root / "split", root / "prepared")
 
 
 def config(model="simple_cnn", **train) -> dict:
@@ -48,7 +58,7 @@ def config(model="simple_cnn", **train) -> dict:
 
 
 def fit(tmp_path, cfg, **kwargs) -> dict:
-    return training.fit(cfg, kwargs.pop("data"), model_path=tmp_path / "model.pt", live_dir=tmp_path / "live",
+    return train.fit(cfg, kwargs.pop("data"), model_path=tmp_path / "model.pt", live_dir=tmp_path / "live",
                         checkpoint_dir=tmp_path / "checkpoints", **kwargs)
 
 
@@ -66,8 +76,8 @@ def test_one_epoch_writes_a_self_describing_model(data, tmp_path):
     assert info["mean"] == [0.485, 0.456, 0.406] and info["training"]["epoch"] == 1
     loader = ArrayLoader(data.val_images, data.val_labels, batch_size=8, mean=info["mean"], std=info["std"],
                          device=torch.device("cpu"))
-    probabilities, _ = training.predict(model, loader, None)
-    again = training.scores(data.val_labels, probabilities)
+    probabilities, _ = train.probabilities(model, loader, None)
+    again = headline(data.val_labels, probabilities)
     assert again["balanced_accuracy"] == pytest.approx(summary["val_balanced_accuracy"])
     for name in ("train/loss", "train/balanced_accuracy", "val/loss", "val/accuracy", "val/balanced_accuracy", "lr"):
         assert list(tsv(tmp_path, name).step) == [1], name
@@ -79,27 +89,44 @@ def test_training_loss_falls(data, tmp_path):
     assert loss.iloc[-1] < 0.7 * loss.iloc[0]
 
 
+def _fit_in_child(cfg, data, folder) -> None:
+    fit(folder, cfg, data=data)
+
+
+def killed_after_first_checkpoint(cfg, data, folder) -> None:
+    """Run ``fit`` in a real child process and SIGKILL it as soon as its first
+    checkpoint exists: an interruption with no cooperation from the training code."""
+    child = multiprocessing.get_context("spawn").Process(target=_fit_in_child, args=(cfg, data, folder))
+    child.start()
+    checkpoint, deadline = folder / "checkpoints/last.pt", time.monotonic() + 120
+    while not checkpoint.exists():
+        assert child.is_alive(), "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+
+
 @pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_interrupted_run_resumes_exactly(data, tmp_path, ema):
-    cfg = config(epochs=3, ema=ema)
+def test_killed_run_resumes_exactly(data, tmp_path, ema):
+    cfg = config(epochs=30, ema=ema, early_stopping_patience=0)
     fit(tmp_path / "whole", cfg, data=data)
-    with pytest.raises(training.Interrupted):
-        fit(tmp_path / "cut", cfg, data=data, stop_after=1)
-    assert list(tsv(tmp_path / "cut", "val/loss").step) == [1]
-    (tmp_path / "cut/model.pt").unlink()  # as DVC does to a stage's outputs before rerunning it
+    killed_after_first_checkpoint(cfg, data, tmp_path / "cut")
+    done = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["state"]["epoch"]
+    assert 1 <= done < 30
+    (tmp_path / "cut/model.pt").unlink(missing_ok=True)  # as DVC does to a stage's outputs before rerunning it
     summary = fit(tmp_path / "cut", cfg, data=data)
-    assert summary["epochs_run"] == 3
+    assert summary["epochs_run"] == 30
     assert (tmp_path / "cut/model.pt").read_bytes() == (tmp_path / "whole/model.pt").read_bytes()
     whole = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
-    assert list(tsv(tmp_path / "cut", "val/loss").step) == [1, 2, 3]
+    assert list(tsv(tmp_path / "cut", "val/loss").step) == list(range(1, 31))
     assert tsv(tmp_path / "cut", "lr")["lr"].equals(tsv(tmp_path / "whole", "lr")["lr"])
 
 
 def test_a_changed_config_starts_over_instead_of_resuming(data, tmp_path, caplog):
-    with pytest.raises(training.Interrupted):
-        fit(tmp_path, config(epochs=3), data=data, stop_after=1)
+    killed_after_first_checkpoint(config(epochs=30), data, tmp_path)
     summary = fit(tmp_path, config(epochs=3, lr=0.001), data=data)
     assert "resuming" not in caplog.text and summary["epochs_run"] == 3
     assert list(tsv(tmp_path, "val/loss").step) == [1, 2, 3]
@@ -113,8 +140,8 @@ def test_early_stopping_on_validation(data, tmp_path):
 
 def test_frozen_backbone_then_fine_tuning(data, tmp_path):
     torch.manual_seed(DEFAULTS["train"]["seed"])  # fit() seeds the same way before building
-    start = training.models.build("resnet18", num_classes=7, image_size=32, settings={},
-                                  head=DEFAULTS["train"]["head"]).state_dict()
+    start = train.models.build("resnet18", num_classes=7, image_size=32, settings={},
+                                  head=DEFAULTS["models"]["resnet18"]["head"]).state_dict()
     fit(tmp_path / "frozen", config("resnet18", epochs=1, freeze=True), data=data)
     frozen, _ = modelfile.load(tmp_path / "frozen/model.pt")
     state = frozen.state_dict()
@@ -166,7 +193,7 @@ def test_focal_loss_and_class_weights():
 def test_schedules():
     def trajectory(kind, epochs=4, steps=5, warmup=1, scores=None):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        schedule = training.Schedule(optimizer, kind, 1.0, epochs, steps, warmup)
+        schedule = Schedule(optimizer, kind, 1.0, epochs, steps, warmup)
         rates = []
         for epoch in range(epochs):
             for _ in range(steps):
@@ -192,7 +219,7 @@ def test_samplers_draw_classes_in_the_stated_shares(sampler, share):
     labels = np.array([0] * 90 + [1] * 10)
     images = np.zeros((100, 8, 8, 3), dtype=np.uint8)
     loader = ArrayLoader(images, labels, batch_size=100, mean=(0, 0, 0), std=(1, 1, 1), device=torch.device("cpu"),
-                         weights=training.sampling_weights(labels, sampler), shuffle=True, seed=1)
+                         weights=train.sampling_weights(labels, sampler), shuffle=True, seed=1)
     drawn = []
     for epoch in range(20):
         loader.set_epoch(epoch)
@@ -246,9 +273,9 @@ def test_the_best_epoch_is_the_best_by_the_chosen_criterion(data, tmp_path, sele
 
 def test_precision_choice_and_a_bf16_run_on_cpu(data, tmp_path):
     cpu = torch.device("cpu")
-    assert training.amp_dtype("fp32", cpu) is None
-    assert training.amp_dtype("bf16", cpu) == torch.bfloat16 and training.amp_dtype("fp16", cpu) == torch.float16
-    assert training.amp_dtype("auto", cpu) == (torch.bfloat16 if training.cpu_has_bf16() else None)
+    assert amp_dtype("fp32", cpu) is None
+    assert amp_dtype("bf16", cpu) == torch.bfloat16 and amp_dtype("fp16", cpu) == torch.float16
+    assert amp_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
     summary = fit(tmp_path, config(epochs=2, precision="bf16", scheduler="none", warmup_epochs=0), data=data)
     assert summary["precision"] == "bfloat16"
     loss = tsv(tmp_path, "train/loss")["loss"]

@@ -90,7 +90,7 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
     """Heat maps for every image (its predicted class, scored as the model file says,
     as target) and, where a mask exists, its lesion scores. Returns per-image rows and
     the heat maps of the indices in ``keep`` (for overlays)."""
-    from skinlesion.inference import normalise, predict
+    from skinlesion.evaluation.inference import normalise, predict
     from skinlesion.progress import bar
 
     rows, kept = [], {}

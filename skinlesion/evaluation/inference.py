@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from skinlesion import PipelineError, calibration
+from skinlesion import PipelineError
+from skinlesion.evaluation import calibrate
 from skinlesion.progress import bar
 
 TTA = ("none", "flips", "dihedral")
@@ -37,7 +38,7 @@ def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
 def scoring(info: dict) -> dict:
     """The model file's scoring, or the identity (no TTA, no adjustment) for a model
     straight from training."""
-    return {**calibration.IDENTITY, **(info.get("scoring") or {})}
+    return {**calibrate.IDENTITY, **(info.get("scoring") or {})}
 
 
 @torch.no_grad()
@@ -67,4 +68,4 @@ def predict(model, info: dict, images: np.ndarray, *, batch_size: int = 128, dev
     how = scoring(info)
     logits = view_logits(model, info, images, tta=how["tta"], batch_size=batch_size, device=device,
                          progress=progress)
-    return calibration.probabilities(logits, how).astype(np.float32)
+    return calibrate.probabilities(logits, how).astype(np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, PipelineError
-from skinlesion.augmentation import augment, build
+from skinlesion.data.augmentation import augment, build
 from skinlesion.files import stable_seed
 from skinlesion.progress import bar
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from skinlesion import CLASSES, PipelineError, metadata
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data import metadata
 from skinlesion.files import atomic_dir, write_csv
 from skinlesion.progress import bar
 

@@ -56,6 +56,22 @@ def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specific
     return float(tpr[allowed].max())
 
 
+def headline(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy, macro-F1 (over the classes present) and macro
+    one-vs-rest ROC AUC (over the classes with positives and negatives)."""
+    labels = np.asarray(labels)
+    predicted = probabilities.argmax(axis=1)
+    present = sorted(set(labels.tolist()))
+    aucs = [roc_auc_score(labels == c, probabilities[:, c]) for c in range(probabilities.shape[1])
+            if 0 < (labels == c).sum() < len(labels)]
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0)),
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+    }
+
+
 def evaluate(labels: np.ndarray, probabilities: np.ndarray, *, mel_specificity: float = 0.9,
              mel_threshold: float | None = None) -> dict:
     """Every metric, as plain JSON types; ``probabilities`` is N x 7 in CLASSES order."""

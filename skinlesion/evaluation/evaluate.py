@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinlesion import CLASSES, metrics, plots
+from skinlesion import CLASSES, plots
+from skinlesion.evaluation import metrics
 from skinlesion.files import atomic_dir, write_csv
 
 

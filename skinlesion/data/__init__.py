@@ -1,0 +1,1 @@
+"""The data phase: download, prepare, split, balance (stages of the same names)."""

@@ -1,0 +1,150 @@
+"""The files of a source, loose on disk or inside zips (and zips in zips), listed
+without unpacking anything that could escape its folder or blow up the disk."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Iterable
+
+from PIL import Image, UnidentifiedImageError
+
+from skinlesion import PipelineError
+
+IMAGE_NAME = re.compile(r"^(?P<id>.+)\.jpe?g$", re.IGNORECASE)
+MASK_NAME = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
+TABLE_SUFFIXES = {".csv", ".tab", ".tsv"}
+CHECKSUM_FILE = "SHA256SUMS"
+SHOWN = 5  # how many offending files a message lists
+
+
+def names(items: list[str]) -> str:
+    """The first few of ``items`` for a message, and how many more there are."""
+    shown = ", ".join(items[:SHOWN])
+    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a source: loose on disk or inside a zip."""
+
+    origin: str  # for messages: "folder/a.jpg" or "archive.zip:dir/a.jpg"
+    name: str  # the file name without folders
+    size: int
+    open: Callable[[], object] = field(compare=False, repr=False)
+    path: Path | None = None  # set for a loose file on disk
+
+    def read(self) -> bytes:
+        with self.open() as handle:
+            return handle.read()
+
+
+def check_member_name(archive: str, name: str) -> None:
+    normalized = posixpath.normpath(name.replace("\\", "/"))
+    if (
+        normalized.startswith("/")
+        or re.match(r"^[A-Za-z]:", normalized)
+        or normalized == ".."
+        or normalized.startswith("../")
+    ):
+        raise PipelineError(
+            f"{archive}: member '{name}' points outside the folder it would be extracted to; "
+            f"refusing this archive (it may be malicious)"
+        )
+
+
+class Collector:
+    """Lists the members of a source, descending into zips (and zips in zips).
+
+    Every archive member name is checked before anything is read, and the total
+    unpacked size is capped, so a hostile archive is refused rather than unpacked.
+    """
+
+    def __init__(self, scratch: Path, max_bytes: int):
+        self.scratch = scratch
+        self.max_bytes = max_bytes
+        self.unpacked = 0
+        self._archives: list[zipfile.ZipFile] = []
+
+    def close(self) -> None:
+        for archive in self._archives:
+            archive.close()
+
+    def collect(self, paths: Iterable[Path]) -> list[Member]:
+        members: list[Member] = []
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    members.extend(self._file(file, str(file.relative_to(path.parent))))
+            elif path.is_file():
+                members.extend(self._file(path, path.name))
+            else:
+                raise PipelineError(f"{path}: no such file or folder")
+        return members
+
+    def _file(self, path: Path, origin: str) -> list[Member]:
+        if path.suffix.lower() == ".zip":
+            return self._zip(path, origin)
+        return [Member(origin, path.name, path.stat().st_size, lambda p=path: open(p, "rb"), path)]
+
+    def _zip(self, path: Path, origin: str) -> list[Member]:
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise PipelineError(f"{origin}: not a readable zip ({error})") from None
+        self._archives.append(archive)
+        infos = [info for info in archive.infolist() if not info.is_dir()]
+        for info in infos:
+            check_member_name(origin, info.filename)
+        self.unpacked += sum(info.file_size for info in infos)
+        if self.unpacked > self.max_bytes:
+            raise PipelineError(
+                f"{origin}: archives expand to more than {self.max_bytes / 2**30:.3g} GiB "
+                f"(download.max_unpacked_gb); refusing to unpack (zip bomb?). Raise the limit "
+                f"if this source is really that large"
+            )
+        members: list[Member] = []
+        for info in sorted(infos, key=lambda info: info.filename):
+            inner = f"{origin}:{info.filename}"
+            name = posixpath.basename(info.filename.replace("\\", "/"))
+            if name.lower().endswith(".zip"):
+                nested = Path(tempfile.mkdtemp(dir=self.scratch)) / name
+                with archive.open(info) as source, open(nested, "wb") as target:
+                    while chunk := source.read(1 << 20):
+                        target.write(chunk)
+                members.extend(self._zip(nested, inner))
+            else:
+                members.append(Member(inner, name, info.file_size,
+                                      lambda a=archive, i=info: a.open(i)))
+        return members
+
+    def materialize(self, member: Member) -> Path:
+        """A path on disk holding ``member`` (extracted into scratch if it is in a zip)."""
+        if member.path is not None:
+            return member.path
+        target = Path(tempfile.mkdtemp(dir=self.scratch)) / member.name
+        target.write_bytes(member.read())
+        return target
+
+
+def check_image(data: bytes, *, rgb: bool) -> str | None:
+    """Why ``data`` is not a usable image, or None when it decodes completely."""
+    try:
+        with Image.open(BytesIO(data)) as image:
+            image.load()
+            if rgb and image.mode != "RGB":
+                return f"has mode {image.mode}, expected an RGB colour image"
+    except Image.DecompressionBombError as error:
+        return f"is implausibly large ({error})"
+    except UnidentifiedImageError:
+        return "is empty (0 bytes)" if not data else "is not an image format Pillow recognises"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"cannot be decoded ({error})"
+    return None
+

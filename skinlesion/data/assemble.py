@@ -1,0 +1,186 @@
+"""A source's files brought into the one canonical layout of ``data/raw/``:
+
+    data/raw/metadata.csv      the official columns, sorted by image_id
+    data/raw/images/ID.jpg     the images as they arrived, byte for byte
+    data/raw/masks/ID.png      lesion masks, where the source has them
+    data/raw/provenance.json   what came from where, its hashes, what was left out
+
+Every source (a download or a local copy) passes the same validation here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data import metadata
+from skinlesion.data.archives import (CHECKSUM_FILE, IMAGE_NAME, MASK_NAME, TABLE_SUFFIXES, SHOWN, Collector, Member,
+                                      check_image, names)
+from skinlesion.files import write_json
+from skinlesion.progress import bar
+
+log = logging.getLogger(__name__)
+
+
+def assemble(
+    paths: list[Path],
+    out: Path,
+    *,
+    scratch: Path,
+    max_bytes: int,
+    source_info: dict,
+    metadata_frame: pd.DataFrame | None = None,
+    used: Iterable[str] = (),
+) -> dict:
+    """Validate the files under ``paths`` and write the canonical layout into ``out``
+    (an empty folder). Returns the provenance record it also writes.
+
+    ``metadata_frame`` replaces the metadata CSV search (for sources that ship their
+    labels in another form); ``used`` names files that built it, so they are not
+    reported as left out.
+    """
+    collector = Collector(scratch, max_bytes)
+    try:
+        members = collector.collect(paths)
+        return _assemble(collector, members, out, source_info, metadata_frame, set(used))
+    finally:
+        collector.close()
+
+
+@dataclass
+class Indexed:
+    """What a source holds, sorted out: its metadata, and its images and masks by
+    image_id; everything else by name."""
+
+    metadata: pd.DataFrame
+    metadata_origin: str
+    images: dict[str, Member]
+    masks: dict[str, Member]
+    others: list[str]
+    unlisted_images: list[str]
+    unlisted_masks: list[str]
+
+
+def index(collector: Collector, members: list[Member], *, metadata_frame: pd.DataFrame | None = None,
+          metadata_origin: str = "", used: Iterable[str] = ()) -> Indexed:
+    """Sort ``members`` into metadata, images and masks, and check that every listed
+    image is there exactly once. Raises PipelineError naming what is wrong."""
+    used = set(used)
+    images: dict[str, Member] = {}
+    masks: dict[str, Member] = {}
+    tables: list[Member] = []
+    others: list[str] = []
+    for member in members:
+        if member.name in used:
+            continue
+        if match := MASK_NAME.match(member.name):
+            bucket = masks
+        elif match := IMAGE_NAME.match(member.name):
+            bucket = images
+        else:
+            if Path(member.name).suffix.lower() in TABLE_SUFFIXES:
+                tables.append(member)
+            elif member.name != CHECKSUM_FILE:
+                others.append(member.origin)
+            continue
+        key = match.group("id")
+        if key in bucket:
+            raise PipelineError(
+                f"two files for image_id {key}: {bucket[key].origin} and {member.origin}; "
+                f"remove one of them"
+            )
+        bucket[key] = member
+
+    if metadata_frame is None:
+        candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t))]
+        if not candidates:
+            named = [t for t in tables if "metadata" in t.name.lower()]
+            if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
+                metadata.read(collector.materialize(named[0]), name=named[0].origin)
+            raise PipelineError(
+                f"no metadata CSV found among {len(members)} files (expected one with columns "
+                f"lesion_id, image_id, dx, ...); tables seen: {names([t.origin for t in tables]) or 'none'}"
+            )
+        if len(candidates) > 1:
+            raise PipelineError(
+                f"several metadata CSVs found: {names([c.origin for c in candidates])}; keep one"
+            )
+        metadata_origin = candidates[0].origin
+        metadata_frame = metadata.read(collector.materialize(candidates[0]), name=metadata_origin)
+        tables.remove(candidates[0])
+    others.extend(t.origin for t in tables)
+
+    listed = set(metadata_frame["image_id"])
+    missing = sorted(listed - images.keys())
+    if missing:
+        raise PipelineError(
+            f"{len(missing)} image(s) listed in {metadata_origin} are missing: {names(missing)}"
+        )
+    return Indexed(metadata_frame, metadata_origin, images, masks, sorted(others),
+                   sorted(images[key].origin for key in images.keys() - listed),
+                   sorted(masks[key].origin for key in masks.keys() - listed))
+
+
+def _assemble(collector, members, out, source_info, metadata_frame, used) -> dict:
+    found = index(collector, members, metadata_frame=metadata_frame, used=used,
+                  metadata_origin=source_info.get("metadata", "built from the source's ground truth"))
+    metadata_frame, images, masks = found.metadata, found.images, found.masks
+    metadata_origin = found.metadata_origin
+
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir()
+    ids = list(metadata_frame["image_id"])
+
+    def copy(image_id: str) -> list[str]:
+        problems = []
+        data = images[image_id].read()
+        if reason := check_image(data, rgb=True):
+            problems.append(f"{images[image_id].origin} {reason}")
+        else:
+            (out / "images" / f"{image_id}.jpg").write_bytes(data)
+        if image_id in masks:
+            mask = masks[image_id].read()
+            if reason := check_image(mask, rgb=False):
+                problems.append(f"{masks[image_id].origin} {reason}")
+            else:
+                (out / "masks" / f"{image_id}.png").write_bytes(mask)
+        return problems
+
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(bar(pool.map(copy, ids), total=len(ids), desc="validate images", unit="img"))
+    problems = [problem for result in results for problem in result]
+    if problems:
+        raise PipelineError(f"{len(problems)} unreadable file(s): {'; '.join(problems[:SHOWN])}"
+                            + (f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""))
+
+    metadata.write(out / "metadata.csv", metadata_frame)
+    with_masks = sum(image_id in masks for image_id in ids)
+    counts = metadata_frame["dx"].value_counts()
+    record = {
+        "source": source_info,
+        "metadata": metadata_origin,
+        "images": len(ids),
+        "lesions": int(metadata_frame["lesion_id"].nunique()),
+        "masks": with_masks,
+        "class_counts": {name: int(counts.get(name, 0)) for name in CLASSES},
+        "left_out": {
+            "files_not_images": found.others,
+            "images_not_in_metadata": found.unlisted_images,
+            "masks_not_in_metadata": found.unlisted_masks,
+        },
+    }
+    write_json(out / "provenance.json", record)
+    log.info("kept %d images of %d lesions, %d with masks", len(ids), record["lesions"], with_masks)
+    for label, items in record["left_out"].items():
+        if items:
+            log.warning("left out %d %s: %s", len(items), label.replace("_", " "), names(items))
+    return record
+

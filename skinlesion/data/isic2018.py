@@ -1,0 +1,97 @@
+"""The ISIC 2018 Task 3 training archives, and HAM10000-style metadata built from
+their one-hot ground truth and lesion groupings."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import requests
+
+from skinlesion import CLASSES, PipelineError
+from skinlesion.data import metadata
+from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name, names
+from skinlesion.data.checksums import read_checksums, write_checksums
+from skinlesion.data.http import fetch
+from skinlesion.files import file_digest
+
+
+ISIC2018_FILES = (
+    "ISIC2018_Task3_Training_Input.zip",
+    "ISIC2018_Task3_Training_GroundTruth.zip",
+    "ISIC2018_Task3_Training_LesionGroupings.csv",
+)
+
+
+def _recorded_checksums(cache: Path) -> dict[str, str]:
+    record = cache / CHECKSUM_FILE
+    return read_checksums(record) if record.is_file() else {}
+
+
+def download_isic2018(base_url: str, cache: Path, *, retries: int,
+                      session: requests.Session) -> tuple[list[Path], dict]:
+    """Fetch the ISIC 2018 Task 3 training archives. No checksums are published for
+    them, so the SHA-256 of what first arrived is recorded in the cache's SHA256SUMS
+    and every later download must match it."""
+    base_url = base_url.rstrip("/")
+    known = _recorded_checksums(cache)
+    paths, record = [], []
+    for name in ISIC2018_FILES:
+        expected = ("sha256", known[name]) if name in known else None
+        try:
+            path = fetch(f"{base_url}/{name}", cache / name, checksum=expected, retries=retries,
+                         session=session)
+        except PipelineError as error:
+            if expected and "checksum mismatch" in str(error):
+                raise PipelineError(
+                    f"{error}. The file differs from the copy first downloaded (recorded in "
+                    f"{cache / CHECKSUM_FILE}); if the change is expected, delete that line"
+                ) from None
+            raise
+        digest = file_digest(path)
+        known[name] = digest
+        paths.append(path)
+        record.append({"name": name, "url": f"{base_url}/{name}", "sha256": digest})
+    write_checksums(cache / CHECKSUM_FILE, known)
+    return paths, {"files": record}
+
+
+
+def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path) -> pd.DataFrame:
+    """HAM10000-style metadata from the ISIC 2018 one-hot ground truth and the lesion
+    groupings (age, sex and localization are not published there and stay empty)."""
+    with zipfile.ZipFile(ground_truth_zip) as archive:
+        names = [n for n in archive.namelist() if n.lower().endswith(".csv")]
+        if len(names) != 1:
+            raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {names}")
+        check_member_name(ground_truth_zip.name, names[0])
+        with archive.open(names[0]) as handle:
+            truth = pd.read_csv(handle)
+    columns = [name.upper() for name in CLASSES]
+    missing = [c for c in ["image", *columns] if c not in truth.columns]
+    if missing:
+        raise PipelineError(f"{ground_truth_zip.name}: ground truth lacks column(s) {missing}")
+    one_hot = truth[columns].to_numpy()
+    bad = (one_hot.sum(axis=1) != 1) | ~((one_hot == 0) | (one_hot == 1)).all(axis=1)
+    if bad.any():
+        lines = [str(i + 2) for i in bad.nonzero()[0][:SHOWN]]
+        raise PipelineError(f"{ground_truth_zip.name}: rows on line(s) {', '.join(lines)} do not "
+                            f"name exactly one diagnosis")
+    truth = pd.DataFrame({"image_id": truth["image"].astype(str),
+                          "dx": [CLASSES[i] for i in one_hot.argmax(axis=1)]})
+    groups = pd.read_csv(groupings_csv, dtype=str, keep_default_na=False)
+    if not {"image", "lesion_id"} <= set(groups.columns):
+        raise PipelineError(f"{groupings_csv.name}: expected columns image, lesion_id")
+    groups = groups.rename(columns={"image": "image_id", "diagnosis_confirm_type": "dx_type"})
+    merged = truth.merge(groups, on="image_id", how="left", indicator=True)
+    ungrouped = merged.loc[merged["_merge"] != "both", "image_id"].tolist()
+    if ungrouped:
+        raise PipelineError(f"{groupings_csv.name}: no lesion_id for {len(ungrouped)} image(s): "
+                            f"{names(ungrouped)}")
+    for column in ("dx_type", "age", "sex", "localization"):
+        if column not in merged:
+            merged[column] = ""
+    return metadata.validate(merged, f"{ground_truth_zip.name} + {groupings_csv.name}")
+
+

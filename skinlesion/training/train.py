@@ -1,0 +1,444 @@
+"""The train stage: fit the chosen model, select the epoch on validation, never on test.
+
+``fit`` reads top to bottom as its steps: ``set_up`` (model, loaders, loss, optimiser,
+schedule), ``resume`` (from the per-epoch checkpoint, so an interrupted run carries on
+with the same batches and random state instead of starting over), then per epoch
+``train_epoch`` and ``validate``, and ``keep_best`` (select, save, log, checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion.data.prepare import Prepared
+from skinlesion.evaluation.metrics import headline
+from skinlesion.files import atomic_path
+from skinlesion.progress import bar
+from skinlesion.training import losses, models
+from skinlesion.training.devices import PRECISIONS, amp_dtype, pick_device, seed_everything
+from skinlesion.training.loader import ArrayLoader
+from skinlesion.training.ranks import Ranks
+from skinlesion.training.schedule import OPTIMIZERS, SCHEDULERS, Schedule, make_optimizer
+
+log = logging.getLogger(__name__)
+
+TRAIN_KEYS = {
+    "pretrained": bool, "weights_path": str, "freeze": bool, "unfreeze_after_epochs": int,
+    "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "weight_decay": float,
+    "momentum": float, "scheduler": str, "warmup_epochs": int, "loss": str, "class_weights": bool,
+    "focal_gamma": float, "label_smoothing": float, "sampler": str, "augment": str,
+    "early_stopping_patience": int, "device": str, "deterministic": bool, "seed": int,
+    "nproc": int, "precision": str, "ema": float, "select": str, "logit_adjust": float,
+}
+SAMPLERS = ("shuffle", "balanced", "sqrt")
+NO_HEAD = {"hidden": 0, "dropout": 0.0}  # for architectures without a head setting (FixCaps)
+# What picks the best epoch (and drives early stopping). Validation has a dozen or two
+# images of the rare classes, so balanced accuracy swings by a point per image; macro
+# ROC AUC and log-loss use every image's probabilities, not just its argmax.
+SELECT = ("macro_auc", "log_loss", "balanced_accuracy")
+
+
+def check_config(train: dict) -> dict:
+    """Validate the ``train`` params: every key known, present and of its type."""
+    unknown = sorted(set(train) - set(TRAIN_KEYS))
+    missing = sorted(set(TRAIN_KEYS) - set(train))
+    if unknown or missing:
+        raise PipelineError(f"train params: unknown {unknown or 'none'}, missing {missing or 'none'}")
+    for key, kind in TRAIN_KEYS.items():
+        value = train[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PipelineError(f"train.{key} is {value!r}; expected {kind.__name__}")
+    for key, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("sampler", SAMPLERS),
+                         ("precision", PRECISIONS), ("select", SELECT)):
+        if train[key] not in allowed:
+            raise PipelineError(f"train.{key} is '{train[key]}'; expected one of {', '.join(allowed)}")
+    if train["epochs"] < 1:
+        raise PipelineError(f"train.epochs is {train['epochs']}; expected at least 1")
+    if train["nproc"] < 1:
+        raise PipelineError(f"train.nproc is {train['nproc']}; expected at least 1")
+    if not 0 <= train["ema"] < 1:
+        raise PipelineError(f"train.ema is {train['ema']}; expected a decay in [0, 1) (0: off)")
+    if train["logit_adjust"] < 0:
+        raise PipelineError(f"train.logit_adjust is {train['logit_adjust']}; expected 0 (off) or more")
+    return train
+
+
+# --- data ------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    fingerprint: str
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[1]
+
+
+def load_data(balanced: Path, split: Path, prepared: Path) -> TrainData:
+    """The balanced train set and the untouched validation split, decoded, in memory."""
+    manifest = pd.read_csv(balanced / "train.csv", dtype={"image_id": str})
+    train_images = np.load(balanced / "images.npy")
+    val = pd.read_csv(split / "val.csv", dtype={"image_id": str})
+    source = Prepared(prepared)
+    val_images = np.asarray(source.images[source.rows(val["image_id"])])
+    if train_images.shape[1:] != val_images.shape[1:]:
+        raise PipelineError(f"data/balanced images are {train_images.shape[1:]}, data/prepared "
+                            f"{val_images.shape[1:]}; rerun `dvc repro balance`")
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (train_images, val_images):
+        digest.update(str(array.shape).encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    digest.update(manifest["label"].to_numpy().tobytes())
+    digest.update(val["label"].to_numpy().tobytes())
+    return TrainData(train_images, manifest["label"].to_numpy(), val_images, val["label"].to_numpy(),
+                     digest.hexdigest())
+
+
+def sampling_weights(labels: np.ndarray, sampler: str) -> np.ndarray | None:
+    """Per-image draw weights: each class drawn equally often (``balanced``) or in
+    proportion to the square root of its count (``sqrt``); None for plain shuffling."""
+    if sampler == "shuffle":
+        return None
+    per_class = np.bincount(labels).astype(float)
+    return (1.0 / per_class if sampler == "balanced" else per_class ** -0.5)[labels]
+
+
+def sampled_prior(labels: np.ndarray, weights: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """The class shares the sampler draws (what a logit-adjusted loss corrects for)."""
+    drawn = np.bincount(labels, weights=weights, minlength=num_classes).astype(float)
+    return drawn / drawn.sum()
+
+
+def fingerprint(config: dict, data: TrainData) -> str:
+    text = json.dumps(config, sort_keys=True) + data.fingerprint
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- set-up ------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything one training run works with."""
+
+    name: str
+    train: dict
+    settings: dict
+    head: dict
+    data: TrainData
+    ranks: Ranks
+    device: torch.device
+    amp: torch.dtype | None
+    model: models.Classifier
+    net: torch.nn.Module  # what takes the training steps: the model, or its DDP wrapper
+    ema: torch.optim.swa_utils.AveragedModel | None
+    train_loader: ArrayLoader
+    val_loader: ArrayLoader
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    state: dict = field(default_factory=lambda: {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0,
+                                                 "seconds": 0.0, "images": 0, "wall_seconds": 0.0})
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What is validated and saved: the weights' moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+    @property
+    def run_id(self) -> str:
+        return fingerprint({"model": self.name, "settings": self.settings, "head": self.head, "train": self.train},
+                           self.data)
+
+
+def _device(train: dict, ranks: Ranks) -> torch.device:
+    device = pick_device(train["device"])
+    if device.type == "cuda" and ranks.world > 1:
+        if ranks.local >= torch.cuda.device_count():
+            raise PipelineError(f"train.nproc is {ranks.world} but only {torch.cuda.device_count()} GPU(s) are visible")
+        device = torch.device("cuda", ranks.local)
+        torch.cuda.set_device(device)
+    return device
+
+
+def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
+    """The model, loaders, loss, optimiser, schedule and weight average for ``config``."""
+    name = config["model"]
+    train = check_config(dict(config["train"]))
+    settings = dict((config.get("models") or {}).get(name) or {})
+    head = settings.pop("head", NO_HEAD)
+    device = _device(train, ranks)
+    ranks.start(device)
+    if not ranks.main:
+        log.setLevel(logging.WARNING)
+    seed_everything(train["seed"], train["deterministic"], device)
+    model = models.build(name, num_classes=len(CLASSES), image_size=data.image_size, settings=settings,
+                         head=head, pretrained=train["pretrained"], weights_path=train["weights_path"])
+    amp = amp_dtype(train["precision"], device)
+    model = models.channels_last(model.to(device))
+    if train["freeze"] and name in ("simple_cnn", "fixcaps"):
+        raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
+    net = model
+    if ranks.world > 1:  # DDP wraps the model for training steps; saving and evaluation use the plain module
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train["freeze"])
+    weights = sampling_weights(data.train_labels, train["sampler"])
+    common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device,
+              "rank": ranks.rank, "world": ranks.world}
+    train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
+                               shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)
+    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"], **common)
+    criterion = losses.build(train["loss"], weighted=train["class_weights"], label_smoothing=train["label_smoothing"],
+                             gamma=train["focal_gamma"], labels=data.train_labels, num_classes=len(CLASSES),
+                             logit_adjust=train["logit_adjust"],
+                             prior=sampled_prior(data.train_labels, weights, len(CLASSES))).to(device)
+    optimizer = make_optimizer(train["optimizer"], model.parameters(), train["lr"], train["weight_decay"],
+                               train["momentum"])
+    schedule = Schedule(optimizer, train["scheduler"], train["lr"], train["epochs"], len(train_loader),
+                        train["warmup_epochs"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    ema = None
+    if train["ema"]:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train["ema"]), use_buffers=True)
+    return Run(name, train, settings, head, data, ranks, device, amp, model, net, ema, train_loader, val_loader,
+               criterion, optimizer, schedule, scaler)
+
+
+# --- resume ------------------------------------------------------------------------
+
+def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> bool:
+    """Carry on from ``checkpoint`` if it belongs to this very run and is unfinished;
+    otherwise clear it. Returns whether the run resumed."""
+    resumed = False
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved.get("run") == run.run_id and not saved.get("finished"):
+            run.model.load_state_dict(saved["model"])
+            run.optimizer.load_state_dict(saved["optimizer"])
+            run.schedule.load_state_dict(saved["schedule"])
+            if run.ema is not None:
+                run.ema.load_state_dict(saved["ema"])
+            run.scaler.load_state_dict(saved["scaler"])
+            torch.set_rng_state(saved["torch_rng"])
+            run.state.update(saved["state"])
+            resumed = True
+            log.info("resuming from the checkpoint after epoch %d of %d", run.state["epoch"], run.train["epochs"])
+    if not resumed and run.ranks.main:
+        checkpoint.unlink(missing_ok=True)
+        best_copy.unlink(missing_ok=True)
+    elif resumed and run.ranks.main and run.state["best_epoch"] and not model_path.exists():
+        # DVC deletes a stage's outputs before rerunning it; the best model so far lives on here.
+        if not best_copy.exists():
+            raise PipelineError(f"{model_path} and {best_copy} are gone; delete {checkpoint} to start over")
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(model_path) as tmp:
+            shutil.copyfile(best_copy, tmp)
+    return resumed
+
+
+def save_checkpoint(run: Run, path: Path, finished: bool) -> None:
+    payload = {"run": run.run_id, "finished": finished, "model": run.model.state_dict(),
+               **({} if run.ema is None else {"ema": run.ema.state_dict()}),
+               "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+               "scaler": run.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": run.state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+# --- one epoch ---------------------------------------------------------------------
+
+def _set_frozen(run: Run, epoch: int) -> None:
+    train = run.train
+    frozen = train["freeze"] and not (0 < train["unfreeze_after_epochs"] < epoch)
+    for parameter in run.model.backbone.parameters():
+        parameter.requires_grad_(not frozen)
+    run.model.train()
+    if frozen:
+        run.model.backbone.eval()  # a frozen feature extractor keeps its BatchNorm statistics
+
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One pass over the train split; returns its loss, accuracy and balanced accuracy."""
+    _set_frozen(run, epoch)
+    run.train_loader.set_epoch(epoch)
+    started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+    predictions, targets = [], []
+    progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train['epochs']}", unit="batch", leave=False,
+                   disable=None if run.ranks.main else True)
+    for images, labels in progress:
+        with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+            logits = run.net(images)
+            loss = run.criterion(logits.float(), labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.schedule.batch_end()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        predicted = logits.detach().argmax(dim=1)
+        correct += (predicted == labels).sum().item()
+        predictions.append(predicted.cpu())
+        targets.append(labels.cpu())
+        progress.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.schedule.current():.1e}")
+    elapsed = time.perf_counter() - started
+    ranks, device = run.ranks, run.device
+    loss_sum, seen, correct = ranks.sum([loss_sum, seen, correct], device)
+    run.state["seconds"] += elapsed
+    run.state["images"] += int(seen)
+    predictions = torch.cat(ranks.gather(torch.cat(predictions).to(device))).cpu()
+    targets = torch.cat(ranks.gather(torch.cat(targets).to(device))).cpu()
+    return {"loss": loss_sum / seen, "accuracy": correct / seen,
+            "balanced_accuracy": float(balanced_accuracy_score(targets, predictions)),
+            "images_per_second": seen / elapsed}
+
+
+@torch.no_grad()
+def probabilities(model, loader: ArrayLoader, amp) -> tuple[np.ndarray, float]:
+    """Class probabilities for every image of ``loader``, and the mean loss."""
+    model.eval()
+    outputs, total, count = [], 0.0, 0
+    for images, labels in loader:
+        with torch.autocast(loader.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+        logits = logits.float()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += len(labels)
+        outputs.append(logits.softmax(dim=1).cpu())
+    return torch.cat(outputs).numpy(), total / max(count, 1)
+
+
+def validate(run: Run) -> dict:
+    """Loss, accuracy, balanced accuracy, macro-F1 and macro AUC on the validation split
+    (every rank's share gathered back in order)."""
+    ranks, device, loader = run.ranks, run.device, run.val_loader
+    probs, loss = probabilities(run.evaluated, loader, run.amp)
+    probs = ranks.gather_rows(loader, torch.from_numpy(probs).to(device)).cpu().numpy()
+    (loss_sum,) = ranks.sum([loss * len(loader.order())], device)
+    loss = loss_sum / (-(-len(run.data.val_labels) // ranks.world) * ranks.world)
+    return {"loss": loss, **headline(run.data.val_labels, probs)}
+
+
+def selection_score(val_scores: dict, select: str) -> float:
+    """The validation figure that picks the best epoch, larger is better."""
+    return -val_scores["loss"] if select == "log_loss" else val_scores[select]
+
+
+# --- select, save, log ---------------------------------------------------------------
+
+def keep_best(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_path: Path, best_copy: Path,
+              live) -> bool:
+    """Log the epoch, save the model if it is the best so far by ``train.select``, and
+    decide early stopping. Every rank keeps the same state (the scores are already
+    reduced), so all of them leave the loop at the same epoch. Returns whether to stop."""
+    state, train = run.state, run.train
+    score = selection_score(val_scores, train["select"])
+    run.schedule.epoch_end(score)
+    if live is not None:
+        live.step = epoch
+        for key in ("loss", "accuracy", "balanced_accuracy"):
+            live.log_metric(f"train/{key}", train_scores[key])
+        for key, value in val_scores.items():
+            live.log_metric(f"val/{key}", value)
+        live.log_metric("lr", run.schedule.current())
+    improved = state["best_epoch"] == 0 or score > state["best_score"]
+    if improved:
+        state.update(best_score=score, best_epoch=epoch, stale=0, best={f"val_{k}": v for k, v in val_scores.items()})
+        if run.ranks.main:
+            modelfile.save(model_path, run.evaluated, architecture=run.name, settings=run.settings,
+                           head=run.head, classes=CLASSES, image_size=run.data.image_size,
+                           mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
+                           training={"epoch": epoch, **state["best"]})
+            with atomic_path(best_copy) as tmp:
+                shutil.copyfile(model_path, tmp)
+    else:
+        state["stale"] += 1
+    state["epoch"] = epoch
+    log.info("epoch %d/%d  train loss %.3f bal.acc %.3f | val loss %.3f bal.acc %.3f acc %.3f auc %.3f%s  (%.0f img/s)",
+             epoch, train["epochs"], train_scores["loss"], train_scores["balanced_accuracy"], val_scores["loss"],
+             val_scores["balanced_accuracy"], val_scores["accuracy"], val_scores["macro_auc"],
+             "  *best" if improved else "", train_scores["images_per_second"])
+    patience = train["early_stopping_patience"]
+    stop = patience > 0 and state["stale"] >= patience
+    if stop:
+        log.info("early stop: no better validation %s for %d epochs", train["select"], patience)
+    return stop
+
+
+def summary(run: Run) -> dict:
+    state = run.state
+    return {
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], **state["best"],
+        "parameters": models.parameter_count(run.model), "image_size": run.data.image_size,
+        "processes": run.ranks.world,
+        "precision": str(run.amp).replace("torch.", "") if run.amp is not None else "float32",
+        "train_images_per_second": round(state["images"] / max(state["seconds"], 1e-9), 1),
+        "train_seconds": round(state["wall_seconds"], 1),  # every epoch, validation included
+    }
+
+
+# --- the loop ------------------------------------------------------------------------
+
+def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, checkpoint_dir: Path) -> dict:
+    """Train ``config["model"]`` with ``config["models"][model]`` and ``config["train"]``.
+
+    Writes the best model to ``model_path``, DVCLive logs to ``live_dir``, and the
+    per-epoch checkpoint to ``checkpoint_dir/last.pt``. Returns the summary.
+    """
+    from dvclive import Live
+
+    ranks = Ranks()
+    run = set_up(config, data, ranks)
+    checkpoint, best_copy = Path(checkpoint_dir) / "last.pt", Path(checkpoint_dir) / "best.pt"
+    resumed = resume(run, checkpoint, best_copy, model_path)
+    log.info("%s: %s parameters on %s; %d train / %d validation images at %d px", run.name,
+             f"{models.parameter_count(run.model):,}", run.device, len(data.train_labels), len(data.val_labels),
+             data.image_size)
+    live = Live(dir=str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None) if ranks.main else None
+    try:
+        for epoch in range(run.state["epoch"] + 1, run.train["epochs"] + 1):
+            started = time.perf_counter()
+            train_scores = train_epoch(run, epoch)
+            val_scores = validate(run)
+            run.state["wall_seconds"] += time.perf_counter() - started
+            stop = keep_best(run, epoch, train_scores, val_scores, model_path, best_copy, live)
+            if ranks.main:
+                save_checkpoint(run, checkpoint, finished=stop or epoch == run.train["epochs"])
+                live.make_summary()
+            if stop:
+                break
+        result = summary(run)
+        if ranks.world > 1:
+            if not ranks.in_sync(run.model, run.device):
+                raise RuntimeError("model weights differ between ranks after training")
+            log.info("weights identical on all %d ranks", ranks.world)
+        if live is not None:
+            for key, value in result.items():
+                live.summary[key] = value
+            live.make_summary()
+        return result
+    finally:
+        if live is not None:
+            live.end()
+        ranks.stop()
