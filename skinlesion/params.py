@@ -1,59 +1,321 @@
-"""Read exactly the params a stage declares in ``dvc.yaml``.
+"""Read exactly the params a stage declares in ``dvc.yaml``, checked in one place.
 
 A stage asks for its params by stage name; what it gets holds only the keys that
-``dvc.yaml`` lists under that stage's ``params``. Reading anything else raises, so a
-stage cannot silently depend on a param whose change would not rerun it.
+``dvc.yaml`` lists under that stage's ``params`` (``models.${model}`` is read as DVC
+templates it). Reading anything else raises, so a stage cannot silently depend on a
+param whose change would not rerun it.
+
+Every param's type, allowed values and range live in the typed groups below, and
+nowhere else: a wrong value stops the stage before it starts, with one line naming
+the param and what it may be.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from skinlesion import PipelineError
 
+ARCHITECTURES = ("simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16", "resnet_transformer", "fixcaps")
+TTA = ("none", "flips", "dihedral")
 
-NUMBER = (int, float)
-SCHEMA: dict[str, type | tuple] = {
-    # The types each param must have; the train group is checked in full by
-    # skinlesion.training.check_config, architectures' settings by models.build.
-    "model": str,
-    "download.source": str, "download.path": str, "download.dataverse_server": str, "download.dataverse_doi": str,
-    "download.isic2018_url": str, "download.cache_dir": str, "download.retries": int,
-    "download.max_unpacked_gb": NUMBER,
-    "prepare.image_size": int,
-    "split.val_fraction": NUMBER, "split.test_fraction": NUMBER, "split.seed": int,
-    "balance.strategy": str, "balance.target_per_class": int, "balance.seed": int, "balance.montage_per_class": int,
-    "balance.augment": dict,
-    "calibrate.tta": str, "calibrate.adjust": str, "calibrate.method": str, "calibrate.mel_sensitivity": NUMBER,
-    "calibrate.batch_size": int,
-    "evaluate.mel_specificity": NUMBER, "evaluate.batch_size": int,
-    "evaluate.grid_per_class": int, "evaluate.seed": int,
-    "explain.method": str, "explain.per_class": int, "explain.batch_size": int, "explain.seed": int,
-    "models": dict, "train": dict,
-}
-_NAMES = {int: "a whole number", str: "text", dict: "a mapping", NUMBER: "a number"}
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-def check_types(values: dict, prefix: str = "") -> None:
-    """Raise PipelineError for the first param whose value has the wrong type."""
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        expected = SCHEMA.get(dotted)
-        if expected is not None:
-            kinds = expected if isinstance(expected, tuple) else (expected,)
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise PipelineError(f"params.yaml: {dotted} is {value!r} ({type(value).__name__}); "
-                                    f"expected {_NAMES.get(expected, expected)}")
-            if dotted.endswith("_size") or dotted.endswith("batch_size") or dotted.endswith("per_class"):
-                if value < 1:
-                    raise PipelineError(f"params.yaml: {dotted} is {value}; expected at least 1")
-        elif isinstance(value, dict):
-            check_types(value, f"{dotted}.")
+def _yaml_exponent(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as text because it has no dot; users write it."""
+    if isinstance(value, str) and _EXPONENT.match(value.strip()):
+        return float(value)
+    return value
 
+
+Number = Annotated[float, BeforeValidator(_yaml_exponent)]
+Positive = Annotated[Number, Field(gt=0)]
+NonNegative = Annotated[Number, Field(ge=0)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]   # strictly between 0 and 1
+Rate = Annotated[Number, Field(ge=0, lt=1)]        # dropout, smoothing, a decay: 0 <= x < 1
+Seed = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]
+Whole = Annotated[int, Field(ge=0)]
+
+
+class Group(BaseModel):
+    # strict: no silent "5" -> 5 or 1 -> True; ints are still accepted where a number is
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Download(Group):
+    source: Literal["dataverse", "isic2018", "local"]
+    path: str
+    dataverse_server: str
+    dataverse_doi: str
+    isic2018_url: str
+    cache_dir: str
+    retries: Whole
+    max_unpacked_gb: Positive
+
+
+class Prepare(Group):
+    image_size: Annotated[int, Field(ge=16, le=1024)]
+
+
+class Split(Group):
+    val_fraction: Fraction
+    test_fraction: Fraction
+    seed: Seed
+
+    @model_validator(mode="after")
+    def _leaves_a_train_split(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"split.val_fraction + split.test_fraction = {self.val_fraction + self.test_fraction:g}; "
+                             f"they must leave something to train on (sum below 1)")
+        return self
+
+
+class Augment(Group):
+    rotate: NonNegative
+    scale: NonNegative
+    shift: NonNegative
+    hflip: bool
+    vflip: bool
+    brightness: NonNegative
+    contrast: NonNegative
+    hue: NonNegative
+    saturation: NonNegative
+
+
+class Balance(Group):
+    strategy: Literal["none", "threshold"]
+    target_per_class: Count
+    seed: Seed
+    montage_per_class: Whole
+    augment: Augment
+
+
+class Head(Group):
+    hidden: Whole
+    dropout: Rate
+
+
+class SimpleCnn(Group):
+    channels: Annotated[list[Count], Field(min_length=1)]
+    dropout: Rate
+    head: Head
+
+
+class Torchvision(Group):
+    head: Head
+
+
+class VitB16(Group):
+    layers: Count = 12
+    heads: Count = 12
+    hidden_dim: Count = 768
+    mlp_dim: Count = 3072
+    head: Head
+
+
+class ResnetTransformer(Group):
+    backbone: Literal["resnet18", "resnet50"]
+    dim: Count
+    layers: Count
+    heads: Count
+    dropout: Rate
+    head: Head
+
+
+class FixCaps(Group):
+    channels: Count
+    kernel: Count
+    stride: Count
+    primary_types: Count
+    primary_dim: Count
+    class_dim: Count
+    routing: Count
+
+
+class Models(Group):
+    simple_cnn: SimpleCnn
+    resnet18: Torchvision
+    resnet50: Torchvision
+    efficientnet_b0: Torchvision
+    vit_b_16: VitB16
+    resnet_transformer: ResnetTransformer
+    fixcaps: FixCaps
+
+
+class Train(Group):
+    pretrained: bool
+    weights_path: str
+    freeze: bool
+    unfreeze_after_epochs: Whole
+    epochs: Count
+    batch_size: Count
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: Positive
+    weight_decay: NonNegative
+    momentum: NonNegative
+    scheduler: Literal["none", "cosine", "onecycle", "plateau"]
+    warmup_epochs: Whole
+    loss: Literal["cross_entropy", "focal"]
+    class_weights: bool
+    focal_gamma: NonNegative
+    label_smoothing: Rate
+    sampler: Literal["shuffle", "balanced", "sqrt"]
+    augment: Literal["none", "flips", "strong"]
+    early_stopping_patience: Whole
+    device: str
+    nproc: Count
+    deterministic: bool
+    seed: Seed
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    ema: Rate
+    select: Literal["macro_auc", "log_loss", "balanced_accuracy"]
+    logit_adjust: NonNegative
+
+
+class Calibrate(Group):
+    tta: Literal[TTA]
+    adjust: Literal["none", "balanced_accuracy", "mean_accuracy"]
+    method: Literal["none", "temperature"]
+    mel_sensitivity: Fraction
+    batch_size: Count
+
+
+class Evaluate(Group):
+    mel_specificity: Fraction
+    batch_size: Count
+    grid_per_class: Whole
+    seed: Seed
+
+
+class Explain(Group):
+    method: Literal["gradcam", "gradcam++"]
+    per_class: Whole
+    batch_size: Count
+    seed: Seed
+
+
+class Params(Group):
+    """The whole of params.yaml."""
+
+    model: Literal[ARCHITECTURES]
+    download: Download
+    prepare: Prepare
+    split: Split
+    balance: Balance
+    models: Models
+    train: Train
+    calibrate: Calibrate
+    evaluate: Evaluate
+    explain: Explain
+
+
+# --- messages ----------------------------------------------------------------------
+
+def _range(constraints: dict) -> str:
+    low = f"[{constraints['ge']:g}" if "ge" in constraints else f"({constraints['gt']:g}" if "gt" in constraints else ""
+    high = f"{constraints['le']:g}]" if "le" in constraints else f"{constraints['lt']:g})" if "lt" in constraints else ""
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return (">= " if low[0] == "[" else "> ") + low[1:]
+    return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def _constraints(annotation) -> dict:
+    found = {}
+    for item in getattr(annotation, "__metadata__", ()):
+        for meta in getattr(item, "metadata", [item]):
+            for name in ("ge", "gt", "le", "lt"):
+                if getattr(meta, name, None) is not None:
+                    found[name] = getattr(meta, name)
+        if hasattr(item, "__metadata__"):
+            found.update(_constraints(item))
+    origin = get_args(annotation)
+    if origin and hasattr(origin[0], "__metadata__"):
+        found.update(_constraints(origin[0]))
+    return found
+
+
+def _base(annotation):
+    while hasattr(annotation, "__metadata__"):
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _field(schema: type[BaseModel] | Any, loc: tuple):
+    """The annotation of the field at ``loc`` in ``schema``, or None."""
+    node = schema
+    annotation = None
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return annotation
+        info = fields[part]
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        node = info.annotation
+    return annotation
+
+
+def _message(schema, prefix: str, error: dict) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    dotted = ".".join(filter(None, [prefix, *loc]))
+    value, kind = error.get("input"), error["type"]
+    shown = f"{value!r}"
+    if kind == "missing":
+        return f"params.yaml has no '{dotted}'; add it (see the README's params table)"
+    if kind == "extra_forbidden":
+        return f"params.yaml: {dotted} is not a known param; remove it or check its spelling"
+    if kind in ("literal_error", "enum"):
+        return f"params.yaml: {dotted} is {shown}; expected one of {error['ctx']['expected'].replace(chr(39), '')}"
+    if kind.startswith(("greater", "less")):
+        annotation = _field(schema, tuple(error["loc"])) if error["loc"] else schema
+        constraints = _constraints(annotation) or error.get("ctx", {})
+        whole = _base(annotation) is int
+        return f"params.yaml: {dotted} is {shown}; expected {'a whole number' if whole else 'a number'} {_range(constraints)}"
+    if kind == "value_error":
+        return f"params.yaml: {error['msg'].removeprefix('Value error, ')}"
+    if kind == "too_short":
+        return f"params.yaml: {dotted} is {shown}; expected a non-empty list"
+    names = {"int": "a whole number", "float": "a number", "string": "text", "bool": "true or false",
+             "model": "a mapping", "dict": "a mapping", "list": "a list"}
+    wanted = next((text for key, text in names.items() if kind.startswith(key)), error["msg"].lower())
+    return f"params.yaml: {dotted} is {shown} ({type(value).__name__}); expected {wanted}"
+
+
+def check(schema, value: Any, prefix: str = "") -> Any:
+    """``value`` checked against ``schema`` (a group or a field's type), as plain data."""
+    try:
+        checked = TypeAdapter(schema).validate_python(value)
+    except ValidationError as error:
+        raise PipelineError(_message(schema, prefix, error.errors()[0])) from None
+    return checked.model_dump() if isinstance(checked, BaseModel) else checked
+
+
+def schema_at(dotted: str):
+    """The type of the param at ``dotted`` (``train``, ``models.resnet18``, ``balance.seed``)."""
+    node: Any = Params
+    for part in dotted.split("."):
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            raise PipelineError(f"'{dotted}' is not a param this pipeline knows")
+        info = fields[part]
+        node = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return node
+
+
+def check_all(values: dict) -> dict:
+    """The whole params.yaml, checked."""
+    return check(Params, values)
+
+
+# --- what a stage declares -------------------------------------------------------------
 
 class DeclaredParams(dict):
     """A params mapping that names the stage when code reads an undeclared key."""
@@ -102,33 +364,43 @@ def _interpolate(key: str, values: dict) -> str:
     """``models.${model}`` -> ``models.resnet18``, as DVC's templating reads it."""
     def value(match: re.Match) -> str:
         try:
-            return str(_lookup(values, match.group(1)))
+            found = _lookup(values, match.group(1))
         except KeyError:
             raise PipelineError(f"dvc.yaml names ${{{match.group(1)}}}, which params.yaml does not have") from None
+        if match.group(1) == "model":
+            found = check(schema_at("model"), found, "model")
+        return str(found)
 
     return re.sub(r"\$\{([\w.]+)\}", value, key)
 
 
-def load(stage: str, root: str | Path = ".") -> DeclaredParams:
-    """Return the params ``stage`` declares, with dotted keys nested as in params.yaml."""
-    root = Path(root)
-    params_file = root / "params.yaml"
+def read_yaml(path: Path) -> dict:
     try:
-        values = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise PipelineError(f"{params_file} not found; run stages from the project root") from None
+        raise PipelineError(f"{path} not found; run stages from the project root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path} must be a mapping of param groups")
+    return values
+
+
+def load(stage: str, root: str | Path = ".") -> DeclaredParams:
+    """Return the params ``stage`` declares, checked, with dotted keys nested as in params.yaml."""
+    root = Path(root)
+    values = read_yaml(root / "params.yaml")
     declared: dict[str, Any] = {}
     for key in _declared_keys(stage, root / "dvc.yaml"):
         key = _interpolate(key, values)
-        node: Any = values
+        try:
+            node = _lookup(values, key)
+        except KeyError:
+            raise PipelineError(f"params.yaml has no '{key}', which stage '{stage}' declares") from None
+        node = check(schema_at(key), node, key)
         parts = key.split(".")
-        for part in parts:
-            if not isinstance(node, dict) or part not in node:
-                raise PipelineError(f"params.yaml has no '{key}', which stage '{stage}' declares")
-            node = node[part]
         target = declared
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = node
-    check_types(declared)
     return DeclaredParams(stage, declared)

@@ -74,23 +74,6 @@ def test_augmenting_one_image_does_not_depend_on_order():
     assert not np.array_equal(first, augment(pipeline, image, 0, "ISIC_1", 2))
 
 
-@pytest.mark.parametrize("strategy, target, message", [
-    ("smote", 10, "balance.strategy is 'smote'; expected one of none, threshold"),
-    ("threshold", 0, "target_per_class is 0"),
-    ("threshold", "500", "target_per_class is '500'"),
-])
-def test_bad_params(train, strategy, target, message):
-    with pytest.raises(PipelineError, match=message):
-        balance.plan(train, strategy, target, seed=0)
-
-
-def test_bad_augment_params():
-    with pytest.raises(PipelineError, match=r"unknown \['blur'\]"):
-        build({**AUGMENT, "blur": 3})
-    with pytest.raises(PipelineError, match="augment.rotate is -5"):
-        build({**AUGMENT, "rotate": -5})
-
-
 def test_empty_class_in_train_is_an_error(train):
     with pytest.raises(PipelineError, match="no image of class\\(es\\) vasc"):
         balance.plan(train[train.dx != "vasc"], "threshold", 10, seed=0)

@@ -12,12 +12,15 @@ from tests.conftest import PROJECT
 
 
 def test_loader_returns_only_declared_params(tmp_path):
+    import shutil
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(
         {"stages": {"a": {"cmd": "x", "params": ["split", "model", {"params.yaml": ["balance.seed"]}]}}}))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"model": "resnet18", "split": {"seed": 1}, "balance": {"seed": 2, "target_per_class": 5}}))
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text())
     loaded = params.load("a", tmp_path)
-    assert loaded == {"model": "resnet18", "split": {"seed": 1}, "balance": {"seed": 2}}
+    assert loaded == {"model": shipped["model"], "split": shipped["split"],
+                      "balance": {"seed": shipped["balance"]["seed"]}}
     with pytest.raises(PipelineError, match="stage 'a' read param 'prepare', which dvc.yaml does not declare"):
         loaded["prepare"]
 
@@ -45,15 +48,46 @@ def test_every_stage_script_reads_only_its_own_groups():
 
 
 @pytest.mark.parametrize("key, value, message", [
+    # types
     ("download.retries", "5", r"download.retries is '5' \(str\); expected a whole number"),
     ("split.val_fraction", "0.15", r"split.val_fraction is '0.15' \(str\); expected a number"),
     ("prepare.image_size", 128.0, r"prepare.image_size is 128.0 \(float\); expected a whole number"),
     ("balance.seed", True, r"balance.seed is True \(bool\); expected a whole number"),
-    ("evaluate.batch_size", 0, "evaluate.batch_size is 0; expected at least 1"),
-    ("explain.method", 3, r"explain.method is 3 \(int\); expected text"),
-    ("model", ["resnet18"], r"model is \['resnet18'\] \(list\); expected text"),
+    ("balance.augment.hflip", 1, r"balance.augment.hflip is 1 \(int\); expected true or false"),
+    ("model", ["resnet18"], r"model is \['resnet18'\]; expected one of simple_cnn, resnet18"),
+    ("model", "resnet99", "model is 'resnet99'; expected one of simple_cnn, resnet18"),
+    ("explain.method", 3, r"explain.method is 3; expected one of gradcam or gradcam\+\+"),
+    ("train.optimizer", "lion", "train.optimizer is 'lion'; expected one of adam, adamw or sgd"),
+    ("train.colour", 1, "train.colour is not a known param"),
+    # ranges, each named with what it may be
+    ("train.lr", 0, r"train.lr is 0; expected a number > 0"),
+    ("train.lr", -0.001, r"train.lr is -0.001; expected a number > 0"),
+    ("train.weight_decay", -0.1, r"train.weight_decay is -0.1; expected a number >= 0"),
+    ("train.momentum", -0.9, r"train.momentum is -0.9; expected a number >= 0"),
+    ("models.resnet18.head.dropout", 1.0, r"models.resnet18.head.dropout is 1.0; expected a number in \[0, 1\)"),
+    ("models.resnet18.head.dropout", -0.1, r"models.resnet18.head.dropout is -0.1; expected a number in \[0, 1\)"),
+    ("models.resnet18.head.hidden", -1, r"models.resnet18.head.hidden is -1; expected a whole number >= 0"),
+    ("train.warmup_epochs", -1, r"train.warmup_epochs is -1; expected a whole number >= 0"),
+    ("train.early_stopping_patience", -3, r"train.early_stopping_patience is -3; expected a whole number >= 0"),
+    ("train.focal_gamma", -2.0, r"train.focal_gamma is -2.0; expected a number >= 0"),
+    ("evaluate.mel_specificity", 1.0, r"evaluate.mel_specificity is 1.0; expected a number in \(0, 1\)"),
+    ("evaluate.mel_specificity", 0, r"evaluate.mel_specificity is 0; expected a number in \(0, 1\)"),
+    ("split.seed", -1, r"split.seed is -1; expected a whole number >= 0"),
+    ("balance.seed", -1, r"balance.seed is -1; expected a whole number >= 0"),
+    ("train.seed", -1, r"train.seed is -1; expected a whole number >= 0"),
+    ("evaluate.seed", -5, r"evaluate.seed is -5; expected a whole number >= 0"),
+    ("explain.seed", -5, r"explain.seed is -5; expected a whole number >= 0"),
+    ("download.max_unpacked_gb", 0, r"download.max_unpacked_gb is 0; expected a number > 0"),
+    ("download.max_unpacked_gb", -1.5, r"download.max_unpacked_gb is -1.5; expected a number > 0"),
+    ("prepare.image_size", 1, r"prepare.image_size is 1; expected a whole number in \[16, 1024\]"),
+    ("split.val_fraction", 0.9, "split.val_fraction \\+ split.test_fraction = 1.05; they must leave something"),
+    ("balance.target_per_class", 0, r"balance.target_per_class is 0; expected a whole number >= 1"),
+    ("balance.augment.rotate", -5, r"balance.augment.rotate is -5; expected a number >= 0"),
+    ("train.ema", 1.0, r"train.ema is 1.0; expected a number in \[0, 1\)"),
+    ("train.precision", "int8", "train.precision is 'int8'; expected one of auto, fp32, bf16 or fp16"),
+    ("calibrate.adjust", "f1", "calibrate.adjust is 'f1'; expected one of none, balanced_accuracy or mean_accuracy"),
 ])
-def test_wrong_param_types_are_named(tmp_path, key, value, message):
+def test_a_bad_param_stops_its_stage_with_one_line_naming_it_and_its_range(tmp_path, key, value, message):
     import shutil
 
     from tests.conftest import set_params
@@ -61,9 +95,36 @@ def test_wrong_param_types_are_named(tmp_path, key, value, message):
     shutil.copy(PROJECT / "dvc.yaml", tmp_path)
     shutil.copy(PROJECT / "params.yaml", tmp_path)
     set_params(tmp_path, {key: value})
-    stage = {"model": "train"}.get(key, key.split(".")[0])
-    with pytest.raises(PipelineError, match=message):
+    stage = {"model": "train", "models": "train"}.get(key.split(".")[0], key.split(".")[0])
+    with pytest.raises(PipelineError, match=f"^params.yaml: {message}") as error:
         params.load(stage, tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads ``lr: 1e-3`` as text; users write it, so it counts."""
+    import shutil
+
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path)
+    text = (PROJECT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("  lr: 0.002", "  lr: 1e-3", 1))
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == "1e-3"
+    assert params.load("train", tmp_path)["train"]["lr"] == 0.001
+
+
+def test_only_the_chosen_models_settings_are_declared_and_checked(tmp_path):
+    import shutil
+
+    from tests.conftest import set_params
+
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path)
+    shutil.copy(PROJECT / "params.yaml", tmp_path)
+    set_params(tmp_path, {"model": "resnet18", "models.fixcaps.channels": -1})
+    loaded = params.load("train", tmp_path)
+    assert list(loaded["models"]) == ["resnet18"]  # fixcaps' bad setting is not this run's business
+    set_params(tmp_path, {"model": "fixcaps"})
+    with pytest.raises(PipelineError, match="models.fixcaps.channels is -1; expected a whole number >= 1"):
+        params.load("train", tmp_path)
 
 
 def test_the_shipped_params_pass_the_type_check():

@@ -159,23 +159,6 @@ def test_freezing_a_model_without_pretrained_backbone_is_refused(data, tmp_path)
         fit(tmp_path, config(freeze=True), data=data)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"optimizer": "lion"}, "train.optimizer is 'lion'; expected one of adam, adamw, sgd"),
-    ({"epochs": "10"}, "train.epochs is '10'; expected int"),
-    ({"epochs": 0}, "train.epochs is 0; expected at least 1"),
-    ({"colour": 1}, r"unknown \['colour'\]"),
-    ({"loss": "hinge"}, "train.loss is 'hinge'; expected one of cross_entropy, focal"),
-    ({"device": "tpu"}, "train.device is 'tpu'"),
-    ({"precision": "int8"}, "train.precision is 'int8'; expected one of auto, fp32, bf16, fp16"),
-    ({"select": "f1"}, "train.select is 'f1'; expected one of macro_auc, log_loss, balanced_accuracy"),
-    ({"ema": 1.0}, r"train.ema is 1.0; expected a decay in \[0, 1\)"),
-    ({"logit_adjust": -1.0}, "train.logit_adjust is -1.0; expected 0"),
-])
-def test_bad_train_params(data, tmp_path, change, message):
-    with pytest.raises(PipelineError, match=message):
-        fit(tmp_path, config(**change), data=data)
-
-
 def test_focal_loss_and_class_weights():
     torch.manual_seed(0)
     logits, target = torch.randn(20, 7), torch.randint(0, 7, (20,))

@@ -13,24 +13,11 @@ import numpy as np  # noqa: E402
 from skinlesion import PipelineError  # noqa: E402
 from skinlesion.files import stable_seed  # noqa: E402
 
-KEYS = ("rotate", "scale", "shift", "hflip", "vflip", "brightness", "contrast", "hue", "saturation")
 
 
 def build(params: dict) -> A.Compose:
     """A pipeline from the ``augment`` params: rotation (degrees), scale and shift
     (fractions), flips, brightness/contrast (fractions), hue/saturation (shifts)."""
-    unknown = sorted(set(params) - set(KEYS))
-    missing = sorted(set(KEYS) - set(params))
-    if unknown or missing:
-        raise PipelineError(f"augment params: unknown {unknown or 'none'}, missing {missing or 'none'}; "
-                            f"expected {', '.join(KEYS)}")
-    for key in KEYS:
-        value = params[key]
-        if key in ("hflip", "vflip"):
-            if not isinstance(value, bool):
-                raise PipelineError(f"augment.{key} is {value!r}; expected true or false")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise PipelineError(f"augment.{key} is {value!r}; expected a number >= 0")
     transforms = [
         A.Affine(rotate=(-params["rotate"], params["rotate"]),
                  scale=(1 - params["scale"], 1 + params["scale"]),

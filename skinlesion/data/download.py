@@ -25,7 +25,6 @@ from skinlesion.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("dataverse", "isic2018", "local")
 
 
 def download(params: dict, out: Path, cache: Path) -> dict:
@@ -35,8 +34,6 @@ def download(params: dict, out: Path, cache: Path) -> dict:
     it and renamed at the end.
     """
     source = params["source"]
-    if source not in SOURCES:
-        raise PipelineError(f"download.source is '{source}'; expected one of {', '.join(SOURCES)}")
     max_bytes = int(float(params["max_unpacked_gb"]) * 2**30)
     retries = int(params["retries"])
     extra: dict = {}

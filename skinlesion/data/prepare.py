@@ -39,14 +39,7 @@ def load_mask(path: Path, size: int) -> np.ndarray:
     return (np.asarray(grey) >= 128).astype(np.uint8)
 
 
-def check_size(size) -> int:
-    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 1024:
-        raise PipelineError(f"prepare.image_size is {size!r}; expected a whole number of pixels from 16 to 1024")
-    return size
-
-
 def prepare(raw: Path, out: Path, size) -> dict:
-    size = check_size(size)
     raw = Path(raw)
     frame = metadata.read(raw / "metadata.csv")
     count = len(frame)

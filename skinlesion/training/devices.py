@@ -10,9 +10,6 @@ import torch
 
 from skinlesion import PipelineError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bfloat16 natively (AVX-512 BF16 or AMX): there, bf16
     autocast nearly doubles a ResNet training step; elsewhere it is emulated and slow."""

@@ -15,7 +15,6 @@ import torch
 from skinlesion import PipelineError
 from skinlesion.files import stable_seed
 
-AUGMENTS = ("none", "flips", "strong")
 
 # "strong": the flips plus, per sample, a rotation by any angle, a zoom into the
 # image, a shift, and brightness/contrast/saturation jitter (ranges below).
@@ -85,10 +84,6 @@ class ArrayLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
                  device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
                  weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
-        if augment not in AUGMENTS:
-            raise PipelineError(f"train.augment is '{augment}'; expected one of {', '.join(AUGMENTS)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise PipelineError(f"train.batch_size is {batch_size!r}; expected a whole number >= 1")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
         self.batch_size = batch_size

@@ -10,7 +10,6 @@ from torch import nn
 
 from skinlesion import CLASSES, PipelineError
 
-LOSSES = ("cross_entropy", "focal")
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -73,10 +72,6 @@ def build(name: str, *, weighted: bool, label_smoothing: float, gamma: float, la
 
 def _base(name: str, *, weighted: bool, label_smoothing: float, gamma: float, labels: np.ndarray,
           num_classes: int) -> nn.Module:
-    if name not in LOSSES:
-        raise PipelineError(f"train.loss is '{name}'; expected one of {', '.join(LOSSES)}")
-    if not 0 <= label_smoothing < 1:
-        raise PipelineError(f"train.label_smoothing is {label_smoothing}; expected 0 <= value < 1")
     weight = class_weights(labels, num_classes) if weighted else None
     if name == "focal":
         return FocalLoss(gamma, weight, label_smoothing)

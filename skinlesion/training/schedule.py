@@ -9,10 +9,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine", "onecycle", "plateau")
-
-
 class Schedule:
     """Per-batch learning rate: linear warm-up, then constant (``none``), cosine decay,
     one-cycle (torch's OneCycleLR, its warm-up from the same param), or reduce-on-
