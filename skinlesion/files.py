@@ -50,9 +50,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
+def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
+    """``sort_keys=False`` keeps the caller's order, e.g. a metrics file's headline first."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:

@@ -68,6 +68,7 @@ class Split(Group):
     val_fraction: Fraction
     test_fraction: Fraction
     seed: Seed
+    group_by: Literal["lesion", "image"]
 
     @model_validator(mode="after")
     def _leaves_a_train_split(self):
@@ -188,10 +189,14 @@ class Calibrate(Group):
 
 
 class Evaluate(Group):
-    mel_specificity: Fraction
-    batch_size: Count
-    grid_per_class: Whole
-    seed: Seed
+    # The defaults are the shipped params.yaml's, for scoring outside the pipeline
+    # (python -m skinlesion.predict --score) to give the evaluate stage's numbers.
+    mel_specificity: Fraction = 0.9
+    bootstrap_resamples: Count = 1000
+    bootstrap_seed: Seed = 42
+    batch_size: Count = 128
+    grid_per_class: Whole = 4
+    seed: Seed = 42
 
 
 class Explain(Group):

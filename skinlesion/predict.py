@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from PIL import UnidentifiedImageError
 
-from skinlesion import CLASSES, PipelineError, modelfile
-from skinlesion.evaluation import inference, metrics
-from skinlesion.files import write_csv, write_json
+from skinlesion import CLASSES, PipelineError, modelfile, params
+from skinlesion.evaluation import evaluate, inference
+from skinlesion.files import write_csv
 from skinlesion.data.prepare import load_image
 from skinlesion.progress import bar
 from skinlesion.data import archives, assemble
@@ -101,9 +101,9 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
             ok, pixels, errors = decode_all(members, info["image_size"])
         finally:
             collector.close()
-    truth = frame["dx"].map(CLASSES.index).to_numpy()[ok]
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="score")
-    write_json(out, metrics.evaluate(truth, probabilities, mel_specificity=mel_specificity))
+    scored = frame.iloc[ok].reset_index(drop=True).assign(label=lambda f: f["dx"].map(CLASSES.index))
+    settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
+    evaluate.evaluate_split(model, info, scored, pixels, settings, metrics_path=out, plots_dir=None, progress="score")
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(ok), len(errors))

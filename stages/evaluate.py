@@ -1,15 +1,16 @@
-"""DVC stage `evaluate`: score the trained model once on the test split (skinlesion.metrics)."""
+"""DVC stage `evaluate`: score the calibrated model once on the test split, with 95 %
+lesion-bootstrap intervals (skinlesion.evaluation.evaluate)."""
 
+import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
 from skinlesion import modelfile
-from skinlesion.evaluation import evaluate, inference, metrics
 from skinlesion.cli import run_stage
-from skinlesion.files import write_json
 from skinlesion.data.prepare import Prepared
+from skinlesion.evaluation import card, evaluate
 
 
 def main(params):
@@ -18,15 +19,16 @@ def main(params):
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
-    probabilities = inference.predict(model, info, images, batch_size=settings["batch_size"], progress="evaluate")
-    result = metrics.evaluate(test["label"].to_numpy(), probabilities, mel_specificity=settings["mel_specificity"],
-                              mel_threshold=inference.scoring(info).get("mel_threshold"))
-    write_json(Path("metrics/evaluate.json"), result)
-    evaluate.write_plots(Path("plots/evaluate"), test, probabilities, images, settings["grid_per_class"],
-                           settings["seed"])
-    logging.info("test: balanced accuracy %.3f, accuracy %.3f, macro F1 %.3f, macro ROC AUC %.3f (%d images)",
-                 result["balanced_accuracy"], result["accuracy"], result["macro_f1"], result["macro_roc_auc"],
-                 result["images"])
+    result = evaluate.evaluate_split(model, info, test, images, settings, metrics_path=Path("metrics/evaluate.json"),
+                                     plots_dir=Path("plots/evaluate"), progress="evaluate")
+    split = json.loads(Path("metrics/split.json").read_text(encoding="utf-8"))
+    card.write(Path("models/MODEL_CARD.md"), info, split, result)
+    ci = result["ci95"]
+    logging.info("test (%d images, %d lesions; 95%% lesion-bootstrap intervals): balanced accuracy %.3f [%.3f, %.3f], "
+                 "accuracy %.3f [%.3f, %.3f], macro F1 %.3f, macro ROC AUC %.3f [%.3f, %.3f]", result["images"],
+                 result["lesions"], result["balanced_accuracy"], ci["balanced_accuracy"]["low"],
+                 ci["balanced_accuracy"]["high"], result["accuracy"], ci["accuracy"]["low"], ci["accuracy"]["high"],
+                 result["macro_f1"], result["macro_roc_auc"], ci["macro_roc_auc"]["low"], ci["macro_roc_auc"]["high"])
 
 
 if __name__ == "__main__":

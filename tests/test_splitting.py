@@ -57,3 +57,11 @@ def test_class_with_too_few_lesions(frame):
     rare = frame[frame.dx == "df"].lesion_id.unique()[:-2]
     with pytest.raises(PipelineError, match=r"fewer than 3 lesions cannot be split three ways: df \(2\)"):
         split.split(frame[~frame.lesion_id.isin(rare)], 0.15, 0.15, seed=0)
+
+
+def test_the_leaky_image_split_shares_lesions_and_says_how_many(frame):
+    honest = split.split(frame, 0.15, 0.15, seed=0)
+    leaky = split.split(frame, 0.15, 0.15, seed=0, group_by="image")
+    assert split.leaking_lesions(honest) == 0 and set(split.shared_lesions(honest).values()) == {0}
+    assert split.leaking_lesions(leaky) > 0 and sum(split.shared_lesions(leaky).values()) > 0
+    assert sum(len(m) for m in leaky.values()) == len(frame)

@@ -17,10 +17,15 @@ from skinlesion import CLASSES, PipelineError
 SPLITS = ("train", "val", "test")
 
 
-def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+          group_by: str = "lesion") -> dict[str, pd.DataFrame]:
     """Return the image manifests {train, val, test}, each sorted by image_id with
-    columns image_id, lesion_id, dx, label."""
-    lesions = frame.groupby("lesion_id")["dx"].first().sort_index()
+    columns image_id, lesion_id, dx, label.
+
+    ``group_by="image"`` splits images as if each were its own lesion: the common,
+    leaky protocol, kept only to measure what it inflates."""
+    key = "lesion_id" if group_by == "lesion" else "image_id"
+    lesions = frame.groupby(key)["dx"].first().sort_index()
     per_class = lesions.value_counts()
     too_few = [f"{dx} ({per_class.get(dx, 0)})" for dx in CLASSES if per_class.get(dx, 0) < 3]
     if too_few:
@@ -36,7 +41,7 @@ def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: 
         raise PipelineError(f"cannot split {count} lesions with these fractions: {error}") from None
     manifests = {}
     for name, members in zip(SPLITS, (train, val, test)):
-        part = frame[frame["lesion_id"].isin(set(members))].loc[:, ["image_id", "lesion_id", "dx"]]
+        part = frame[frame[key].isin(set(members))].loc[:, ["image_id", "lesion_id", "dx"]]
         part = part.sort_values("image_id", kind="stable").reset_index(drop=True)
         part["label"] = part["dx"].map(CLASSES.index)
         absent = [dx for dx in CLASSES if dx not in set(part["dx"])]
@@ -44,13 +49,20 @@ def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: 
             raise PipelineError(f"the {name} split has no lesion of class(es) {', '.join(absent)}; "
                                 f"use more data or larger fractions")
         manifests[name] = part
-    check_disjoint(manifests, total=len(frame))
+    if group_by == "lesion":
+        check_disjoint(manifests, total=len(frame))
     return manifests
 
 
 def shared_lesions(manifests: dict[str, pd.DataFrame]) -> dict[str, int]:
     return {f"{a}-{b}": len(set(manifests[a]["lesion_id"]) & set(manifests[b]["lesion_id"]))
             for a, b in combinations(SPLITS, 2)}
+
+
+def leaking_lesions(manifests: dict[str, pd.DataFrame]) -> int:
+    """How many lesions have images in more than one split."""
+    sides = pd.concat([m[["lesion_id"]].assign(side=name) for name, m in manifests.items()])
+    return int((sides.groupby("lesion_id")["side"].nunique() > 1).sum())
 
 
 def check_disjoint(manifests: dict[str, pd.DataFrame], total: int) -> None:
@@ -64,7 +76,8 @@ def check_disjoint(manifests: dict[str, pd.DataFrame], total: int) -> None:
 
 
 def summary(manifests: dict[str, pd.DataFrame]) -> dict:
-    """Per-split image, lesion and class counts, and the lesions shared (always 0)."""
+    """Per-split image, lesion and class counts, and the lesions shared (0 unless the
+    split was made by image)."""
     result = {}
     for name, part in manifests.items():
         counts = part["dx"].value_counts()

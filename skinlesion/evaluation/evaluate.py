@@ -1,6 +1,8 @@
-"""What the evaluate stage writes beside its metrics: the data behind DVC's plots
-(confusion, one-vs-rest ROC and precision-recall per class, reliability) and the
-PNGs people look at (confusion matrix, ROC, a grid of test predictions)."""
+"""The evaluate stage: a labelled set scored once, the way the model file says, with
+lesion-bootstrap intervals; beside the metrics, the data behind DVC's plots (confusion,
+one-vs-rest ROC and precision-recall per class, reliability before and after
+calibration) and the PNGs people look at (confusion matrix, ROC, reliability, a grid
+of test predictions)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,34 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, plots
-from skinlesion.evaluation import metrics
-from skinlesion.files import atomic_dir, write_csv
+from skinlesion.evaluation import calibrate, inference, metrics
+from skinlesion.files import atomic_dir, write_csv, write_json
+
+
+def evaluate_split(model, info: dict, frame: pd.DataFrame, images: np.ndarray, settings: dict, *,
+                   metrics_path: Path, plots_dir: Path | None, progress: str | None = None) -> dict:
+    """Score ``frame`` (image_id, lesion_id, label; ``images`` in its order): writes the
+    headline metrics to ``metrics_path`` and the details and plots under ``plots_dir``."""
+    how = inference.scoring(info)
+    logits = inference.view_logits(model, info, images, tta=how["tta"], batch_size=settings["batch_size"],
+                                   progress=progress)
+    probabilities = calibrate.probabilities(logits, how)
+    uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
+    labels = frame["label"].to_numpy()
+    result, details = metrics.report(labels, probabilities, frame["lesion_id"].to_numpy(), uncalibrated=uncalibrated,
+                                     mel_threshold=how.get("mel_threshold"),
+                                     mel_specificity=settings["mel_specificity"],
+                                     resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
+    write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it
+    if plots_dir is not None:
+        write_plots(plots_dir, frame, probabilities, images, settings["grid_per_class"], settings["seed"],
+                    details=details, uncalibrated=uncalibrated)
+    return result
 
 
 def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, images: np.ndarray,
-                grid_per_class: int, seed: int) -> None:
+                grid_per_class: int, seed: int, details: dict | None = None,
+                uncalibrated: np.ndarray | None = None) -> None:
     """``frame`` holds the evaluated rows (image_id, label) in the order of
     ``probabilities`` and ``images``."""
     labels = frame["label"].to_numpy()
@@ -27,8 +51,16 @@ def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, im
         for name in CLASSES:
             write_csv(out / "roc" / f"{name}.csv", pd.DataFrame(roc.get(name, []), columns=["fpr", "tpr"]))
             write_csv(out / "pr" / f"{name}.csv", pd.DataFrame(pr.get(name, []), columns=["recall", "precision"]))
-        write_csv(out / "reliability.csv", pd.DataFrame(metrics.reliability(labels, probabilities),
-                                                        columns=["bin", "confidence", "accuracy", "count"]))
+        reliability = {"calibrated": metrics.reliability(labels, probabilities)}
+        if uncalibrated is not None:
+            reliability["uncalibrated"] = metrics.reliability(labels, uncalibrated)
+        for name, rows in reliability.items():
+            write_csv(out / ("reliability.csv" if name == "calibrated" else f"reliability_{name}.csv"),
+                      pd.DataFrame(rows, columns=["bin", "confidence", "accuracy", "count"]))
+        plots.curves_png(reliability, "confidence", "accuracy", out / "reliability.png",
+                         "Reliability (test): accuracy against confidence", diagonal=True)
+        if details is not None:
+            write_json(out / "details.json", details)
         probabilities_frame = pd.DataFrame(probabilities.round(6), columns=[f"p_{c}" for c in CLASSES])
         write_csv(out / "predictions.csv", pd.concat(
             [frame[["image_id"]].reset_index(drop=True), probabilities_frame,

@@ -1,0 +1,88 @@
+"""The model card: what the model is, what it was trained and tested on, how well it
+did (with intervals), how it is calibrated and thresholded, and what it is not for.
+Generated from the metrics the pipeline wrote, so it cannot disagree with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from skinlesion import CLASSES
+from skinlesion.files import atomic_path
+
+
+def _ci(value: float, interval: dict | None) -> str:
+    if interval is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> str:
+    scoring = info.get("scoring") or {}
+    training = info.get("training") or {}
+    ci = test.get("ci95", {})
+    lines = [
+        f"# Model card: {info['architecture']} for HAM10000 skin-lesion classification", "",
+        "**Intended use: research and teaching, not a diagnosis.** It must not be used to decide the care of a "
+        "patient. It has seen only dermatoscopic images from the HAM10000 collection.", "",
+        "## Model", "",
+        f"- Architecture: `{info['architecture']}`, settings `{info.get('settings') or {}}`, head `{info.get('head')}`",
+        f"- Input: {info['image_size']} x {info['image_size']} RGB (HAM10000's 4:3 frames squashed, not cropped), "
+        f"normalised with mean {info['mean']} and std {info['std']}",
+        f"- Classes, in output order: {', '.join(info['classes'])}",
+        f"- Epoch kept: {training.get('epoch', '?')} (chosen on the validation split)", "",
+        "## How it is scored (chosen on the validation split)", "",
+        f"- Test-time augmentation: `{scoring.get('tta', 'none')}` (softmax averaged over the views)",
+        f"- Post-hoc logit adjustment: tau = {scoring.get('tau', 0.0):g} (logits - tau * log(train class prior))",
+        f"- Temperature: {scoring.get('temperature', 1.0):.3f}",
+    ]
+    if "mel_threshold" in scoring:
+        lines.append(f"- Melanoma flag: probability of mel >= {scoring['mel_threshold']:.4f}")
+    lines += ["", "## Data", ""]
+    shared = split.get("shared_lesions", {})
+    lines.append(f"Split by {'lesion (no lesion on two sides)' if not any(shared.values()) else 'IMAGE: THIS SPLIT LEAKS'}; "
+                 f"lesions shared between splits: {shared}.")
+    lines += ["", "| split | images | lesions | " + " | ".join(CLASSES) + " |",
+              "|---|---|---|" + "---|" * len(CLASSES)]
+    for name in ("train", "val", "test"):
+        if name in split:
+            part = split[name]
+            lines.append(f"| {name} | {part['images']} | {part['lesions']} | "
+                         + " | ".join(str(part['classes'].get(c, 0)) for c in CLASSES) + " |")
+    lines += ["", "## Results on the test split (touched once; 95 % intervals from resampling lesions)", "",
+              "| figure | value [95 % interval] |", "|---|---|"]
+    for key, label in (("balanced_accuracy", "balanced accuracy (headline)"), ("accuracy", "accuracy"),
+                       ("macro_f1", "macro-F1"), ("macro_roc_auc", "macro ROC AUC")):
+        lines.append(f"| {label} | {_ci(test[key], ci.get(key))} |")
+    for name in CLASSES:
+        lines.append(f"| recall {name} | {_ci(test['recall'][name], ci.get('recall', {}).get(name))} |")
+    lines.append(f"| expected calibration error | {test['expected_calibration_error']:.3f}"
+                 + (f" (before temperature scaling {test['expected_calibration_error_uncalibrated']:.3f})"
+                    if "expected_calibration_error_uncalibrated" in test else "") + " |")
+    if "melanoma" in test:
+        mel = test["melanoma"]
+        lines.append(f"| melanoma sensitivity at the validation threshold | "
+                     f"{_ci(mel['sensitivity'], ci.get('melanoma_sensitivity'))} |")
+        lines.append(f"| melanoma specificity at the validation threshold | "
+                     f"{_ci(mel['specificity'], ci.get('melanoma_specificity'))} |")
+    lines.append(f"\n{test['images']} test images of {test['lesions']} lesions.")
+    if external:
+        lines += ["", "## External sets", "", "| set | images | balanced accuracy | accuracy | macro ROC AUC |",
+                  "|---|---|---|---|---|"]
+        for name, figures in external.items():
+            eci = figures.get("ci95", {})
+            lines.append(f"| {name} | {figures['images']} | {_ci(figures['balanced_accuracy'], eci.get('balanced_accuracy'))}"
+                         f" | {_ci(figures['accuracy'], eci.get('accuracy'))} | "
+                         f"{_ci(figures['macro_roc_auc'], eci.get('macro_roc_auc'))} |")
+    lines += ["", "## Known limitations", "",
+              "- Trained from scratch on a few thousand images of one collection (Vienna and Queensland clinics); "
+              "expect lower figures on other cameras, clinics and skin types.",
+              "- The rare classes have a dozen or two test images (see the table above): their recall intervals are wide.",
+              "- Inputs are squashed to a square at a low resolution; fine structure below that scale is lost.",
+              "- Probabilities are calibrated on the validation split's class mix; a population with other "
+              "class shares needs its own calibration.", ""]
+    return "\n".join(lines)
+
+
+def write(path: Path, info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(render(info, split, test, external), encoding="utf-8")
