@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from skinlesion import CLASSES, synthetic  # noqa: E402
+from skinlesion.data.prepare import load_image  # noqa: E402
 from skinlesion.evaluation import inference  # noqa: E402
+from skinlesion.params import set_values as set_params  # noqa: E402
 from skinlesion.training import models  # noqa: E402
 from skinlesion.training.loader import ArrayLoader  # noqa: E402
-from skinlesion.data.prepare import load_image  # noqa: E402
 
 HEAD = {"hidden": 256, "dropout": 0.3}
 PARAM_CHANGES = {  # one param per stage, and the stages that should rerun
@@ -145,17 +146,6 @@ def run_timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
     return float(wall), int(peak), result.stdout
 
 
-def set_params(project: Path, changes: dict) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        node = params
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
     project = workdir / "project"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
@@ -170,7 +160,7 @@ def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
     noop, _, _ = run_timed(["dvc", "repro"], project)
     reruns = {}
     size = yaml.safe_load((project / "params.yaml").read_text())["prepare"]["image_size"]
-    for stage, (key, value) in PARAM_CHANGES.items():
+    for _stage, (key, value) in PARAM_CHANGES.items():
         value = size - 16 if key == "prepare.image_size" else value
         set_params(project, {key: value})
         _, _, out = run_timed(["dvc", "repro", "--dry"], project)  # lists downstream stages too

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from skinlesion import PipelineError
-from skinlesion.training import models
 from skinlesion.files import write_bytes
+from skinlesion.training import models
 
 FORMAT = "skinlesion-model/1"
 

@@ -391,6 +391,20 @@ def read_yaml(path: Path) -> dict:
     return values
 
 
+def set_values(project: Path, overrides: dict) -> None:
+    """Set dotted keys (``{"balance.seed": 3}``) in ``project``'s params.yaml, as
+    ``dvc exp run -S`` would (used by the tests and the benchmark)."""
+    path = Path(project) / "params.yaml"
+    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        node = values
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+
+
 def load(stage: str, root: str | Path = ".") -> DeclaredParams:
     """Return the params ``stage`` declares, checked, with dotted keys nested as in params.yaml."""
     root = Path(root)

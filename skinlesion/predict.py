@@ -25,11 +25,11 @@ import pandas as pd
 from PIL import UnidentifiedImageError
 
 from skinlesion import CLASSES, PipelineError, modelfile, params
+from skinlesion.data import archives, assemble
+from skinlesion.data.prepare import load_image
 from skinlesion.evaluation import evaluate, inference
 from skinlesion.files import write_csv
-from skinlesion.data.prepare import load_image
 from skinlesion.progress import bar
-from skinlesion.data import archives, assemble
 
 log = logging.getLogger("skinlesion.predict")
 MAX_BYTES = 64 * 2**30

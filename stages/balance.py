@@ -6,10 +6,10 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion import plots
-from skinlesion.data import balance
 from skinlesion.cli import run_stage
-from skinlesion.files import atomic_dir, write_csv, write_json, write_npy
+from skinlesion.data import balance
 from skinlesion.data.prepare import Prepared
+from skinlesion.files import atomic_dir, write_csv, write_json, write_npy
 
 
 def main(params):
@@ -23,7 +23,7 @@ def main(params):
         write_npy(building / "images.npy", images)
         write_csv(building / "train.csv", planned)
     summary = balance.summary(train, planned, settings["strategy"])
-    write_json(Path("metrics/balance.json"), summary)
+    write_json(Path("plots/balance/summary.json"), summary)
     originals = {image_id: prepared.images[row] for image_id, row in zip(planned["image_id"], rows)}
     plots.montage(images, planned, originals, Path("plots/balance/augmented_montage.png"),
                   settings["montage_per_class"])

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion import modelfile
-from skinlesion.evaluation import calibrate, inference
 from skinlesion.cli import run_stage
-from skinlesion.files import write_json
 from skinlesion.data.prepare import Prepared
+from skinlesion.evaluation import calibrate, inference
+from skinlesion.files import write_json
 
 
 def main(params):
@@ -28,7 +28,7 @@ def main(params):
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
     modelfile.with_scoring(trained, Path("models/model.pt"), scoring)
-    write_json(Path("metrics/calibrate.json"), report)
+    write_json(Path("plots/calibrate/calibration.json"), report)
     before, after = report["val_before"], report["val_after"]
     logging.info("validation: tau %.2f, temperature %.2f, melanoma threshold %.3f; balanced accuracy %.3f -> %.3f, "
                  "accuracy %.3f -> %.3f, log-loss %.3f -> %.3f", scoring["tau"], scoring["temperature"],

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-
 from skinlesion.cli import run_stage
 from skinlesion.data import download
 

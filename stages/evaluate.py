@@ -21,7 +21,7 @@ def main(params):
     images = prepared.images[prepared.rows(test["image_id"])]
     result = evaluate.evaluate_split(model, info, test, images, settings, metrics_path=Path("metrics/evaluate.json"),
                                      plots_dir=Path("plots/evaluate"), progress="evaluate")
-    split = json.loads(Path("metrics/split.json").read_text(encoding="utf-8"))
+    split = json.loads(Path("plots/split/summary.json").read_text(encoding="utf-8"))
     card.write(Path("models/MODEL_CARD.md"), info, split, result)
     ci = result["ci95"]
     logging.info("test (%d images, %d lesions; 95%% lesion-bootstrap intervals): balanced accuracy %.3f [%.3f, %.3f], "

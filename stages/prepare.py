@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from skinlesion.data import prepare
 from skinlesion.cli import run_stage
+from skinlesion.data import prepare
 
 
 def main(params):

@@ -4,8 +4,8 @@ import logging
 from pathlib import Path
 
 from skinlesion import plots
-from skinlesion.data import metadata, split
 from skinlesion.cli import run_stage
+from skinlesion.data import metadata, split
 from skinlesion.files import atomic_dir, write_csv, write_json
 
 
@@ -18,7 +18,7 @@ def main(params):
         for name, manifest in manifests.items():
             write_csv(building / f"{name}.csv", manifest)
     summary = split.summary(manifests)
-    write_json(Path("metrics/split.json"), summary)
+    write_json(Path("plots/split/summary.json"), summary)
     plots.class_distribution({name: summary[name]["classes"] for name in split.SPLITS},
                              Path("plots/split/class_distribution.png"),
                              f"Images per class in each split ({settings['group_by']}-grouped)")

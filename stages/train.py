@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from skinlesion.training import train
 from skinlesion.cli import run_stage
+from skinlesion.training import train
 
 
 def main(params):

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from skinlesion import synthetic
+from skinlesion.params import set_values as set_params  # noqa: F401 - the tests import it from here
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "skinlesion", ".dvcignore", ".gitignore")
@@ -37,19 +37,6 @@ def synthetic_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("synthetic_folder")
     synthetic.make_dataset(folder, layout="folder")
     return folder
-
-
-def set_params(project: Path, overrides: dict) -> None:
-    """Set dotted keys (``{"balance.seed": 3}``) in the project's params.yaml."""
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def run(args, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

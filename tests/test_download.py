@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from skinlesion import CLASSES, PipelineError
-from skinlesion.data.http import fetch
 from skinlesion.data import download
+from skinlesion.data.http import fetch
 from tests.conftest import make_project, run_stage, set_params
 
 DOI = "doi:10.7910/DVN/DBW86T"

@@ -12,6 +12,8 @@ import pytest
 from skinlesion.training import models
 from tests.conftest import make_project, run
 
+pytestmark = pytest.mark.slow  # real git+DVC projects and processes
+
 
 @pytest.fixture(scope="module")
 def project(synthetic_zips, tmp_path_factory):

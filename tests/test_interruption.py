@@ -9,8 +9,11 @@ import subprocess
 import time
 
 import pandas as pd
+import pytest
 
 from tests.conftest import make_project, run
+
+pytestmark = pytest.mark.slow  # real git+DVC projects and processes
 
 
 def test_killed_training_resumes_on_the_next_repro(synthetic_zips, tmp_path):

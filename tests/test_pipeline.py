@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import make_project, run, set_params
 
+pytestmark = pytest.mark.slow  # real git+DVC projects and processes
+
 STAGES = ["download", "prepare", "split", "balance", "train", "calibrate", "evaluate", "explain"]
 
 
@@ -39,9 +41,9 @@ def test_first_repro_builds_every_data_artifact(project, synthetic_zips):
                  "data/balanced/images.npy", "data/balanced/train.csv",
                  "plots/split/class_distribution.png", "plots/balance/augmented_montage.png"]:
         assert (project / path).is_file(), path
-    split = json.loads((project / "metrics/split.json").read_text())
+    split = json.loads((project / "plots/split/summary.json").read_text())
     assert split["shared_lesions"] == {"train-val": 0, "train-test": 0, "val-test": 0}
-    balance = json.loads((project / "metrics/balance.json").read_text())
+    balance = json.loads((project / "plots/balance/summary.json").read_text())
     assert set(balance["after"].values()) == {12} and balance["images"] == 84
     assert ran(run(["dvc", "repro"], project).stdout) == []  # a second repro is a no-op
 
@@ -55,10 +57,11 @@ def test_balance_param_reruns_balance_and_train_only(project):
     assert ran(result.stdout) == ["balance", "train", "calibrate", "evaluate", "explain"]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
-    assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png",
-                       "models/trained.pt", "models/model.pt", "metrics/calibrate.json", "metrics/train", "plots/evaluate", "metrics/evaluate.json",
+    assert changed == {"data/balanced", "plots/balance/summary.json", "plots/balance/augmented_montage.png",
+                       "models/trained.pt", "models/model.pt", "plots/calibrate/calibration.json", "metrics/train",
+                       "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json",
                        "plots/explain", "metrics/explain.json"}
-    assert json.loads((project / "metrics/balance.json").read_text())["images"] == 63
+    assert json.loads((project / "plots/balance/summary.json").read_text())["images"] == 63
 
     # Back to the committed value: the run cache restores balance's old output without
     # running it (train, whose DVCLive folder persists for resuming, reruns).
@@ -168,3 +171,25 @@ def test_another_models_settings_rerun_nothing_the_chosen_ones_rerun_train(proje
         assert set(json.loads(run(["dvc", "status", "--json"], project).stdout)) == {"train"}
     finally:
         run(["git", "checkout", "params.yaml"], project)
+
+
+def test_the_registered_model_comes_back_byte_for_byte_through_dvc_artifacts_get(project, tmp_path):
+    """`artifacts:` in dvc.yaml names models/model.pt; a version is a git tag in the model
+    registry's format, and another project fetches it by name from a clone's URL."""
+    storage = tmp_path / "storage"
+    run(["dvc", "remote", "add", "-d", "-f", "registry-test", str(storage)], project)
+    try:
+        run(["dvc", "push", "models/model.pt"], project)
+        run(["git", "add", "-A"], project)
+        run(["git", "commit", "-qm", "model for the registry", "--allow-empty"], project)
+        run(["git", "tag", "-a", "skin-lesion-classifier@v0.1.0", "-m", "Registering skin-lesion-classifier v0.1.0"],
+            project)
+        listed = run(["dvc", "artifacts", "get", "--help"], project).stdout
+        assert "--rev" in listed
+        got = tmp_path / "fetched.pt"
+        run(["dvc", "artifacts", "get", project.resolve().as_uri(), "skin-lesion-classifier", "--rev", "v0.1.0",
+             "-o", str(got)], tmp_path)
+        assert got.read_bytes() == (project / "models/model.pt").read_bytes()
+    finally:
+        run(["dvc", "remote", "remove", "registry-test"], project, check=False)
+        run(["git", "tag", "-d", "skin-lesion-classifier@v0.1.0"], project, check=False)

@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from skinlesion import PipelineError
-from skinlesion.data import prepare
-from skinlesion.data import download
+from skinlesion.data import download, prepare
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,12 @@ import torch
 import yaml
 
 from skinlesion import PipelineError, modelfile
-from skinlesion.data import balance, prepare, split
-from skinlesion.training import losses, train
+from skinlesion.data import balance, download, prepare, split
 from skinlesion.evaluation.metrics import headline
+from skinlesion.training import losses, train
 from skinlesion.training.devices import amp_dtype, cpu_has_bf16
 from skinlesion.training.loader import ArrayLoader
 from skinlesion.training.schedule import Schedule
-from skinlesion.data import download
 from tests.conftest import PROJECT
 
 AUGMENT = yaml.safe_load((PROJECT / "params.yaml").read_text())["balance"]["augment"]
@@ -107,6 +106,7 @@ def killed_after_first_checkpoint(cfg, data, folder) -> None:
     child.join()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_killed_run_resumes_exactly(data, tmp_path, ema):
     cfg = config(epochs=30, ema=ema, early_stopping_patience=0)
@@ -125,6 +125,7 @@ def test_killed_run_resumes_exactly(data, tmp_path, ema):
     assert tsv(tmp_path / "cut", "lr")["lr"].equals(tsv(tmp_path / "whole", "lr")["lr"])
 
 
+@pytest.mark.slow
 def test_a_changed_config_starts_over_instead_of_resuming(data, tmp_path, caplog):
     killed_after_first_checkpoint(config(epochs=30), data, tmp_path)
     summary = fit(tmp_path, config(epochs=3, lr=0.001), data=data)

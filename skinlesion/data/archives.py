@@ -7,10 +7,10 @@ import posixpath
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Iterable
 
 from PIL import Image, UnidentifiedImageError
 

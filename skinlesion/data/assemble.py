@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import metadata
-from skinlesion.data.archives import (CHECKSUM_FILE, IMAGE_NAME, MASK_NAME, TABLE_SUFFIXES, SHOWN, Collector, Member,
-                                      check_image, names)
+from skinlesion.data.archives import (
+    CHECKSUM_FILE,
+    IMAGE_NAME,
+    MASK_NAME,
+    SHOWN,
+    TABLE_SUFFIXES,
+    Collector,
+    Member,
+    check_image,
+    names,
+)
 from skinlesion.files import write_json
 from skinlesion.progress import bar
 

@@ -10,9 +10,7 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from skinlesion import PipelineError  # noqa: E402
 from skinlesion.files import stable_seed  # noqa: E402
-
 
 
 def build(params: dict) -> A.Compose:

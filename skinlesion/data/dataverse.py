@@ -13,7 +13,6 @@ from skinlesion.data.archives import names
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
 
-
 DATAVERSE_FILES = {
     "images": re.compile(r"^HAM10000_images.*\.zip$", re.IGNORECASE),
     "metadata": re.compile(r"^HAM10000_metadata(\.csv|\.tab)?$", re.IGNORECASE),

@@ -11,11 +11,10 @@ import requests
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import metadata
-from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name, names
+from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name
 from skinlesion.data.checksums import read_checksums, write_checksums
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
-
 
 ISIC2018_FILES = (
     "ISIC2018_Task3_Training_Input.zip",

@@ -1,1 +1,2 @@
-"""The evaluation phase: calibration on validation, inference, metrics and plots, Grad-CAM (stages calibrate, evaluate, explain)."""
+"""The evaluation phase: calibration on validation, inference, metrics and plots, Grad-CAM
+(stages calibrate, evaluate, explain)."""

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from skinlesion import PipelineError
 
 
-
 def _as_map(tensor: torch.Tensor) -> torch.Tensor:
     """B x C x H x W feature maps; a ViT's B x (1+T) x D tokens become B x D x h x w."""
     if tensor.dim() == 4:

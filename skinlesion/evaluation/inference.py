@@ -14,6 +14,7 @@ import torch
 from skinlesion import PipelineError
 from skinlesion.evaluation import calibrate
 from skinlesion.progress import bar
+from skinlesion.training import models
 
 TTA = ("none", "flips", "dihedral")
 
@@ -30,9 +31,7 @@ def _views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
 def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
     """uint8 N x S x S x 3 -> the float tensor the model was trained on."""
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(info["mean"], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(info["std"], device=device).view(1, 3, 1, 1) * 255
-    return (batch - mean) / std
+    return models.normalise(batch, info["mean"], info["std"])
 
 
 def scoring(info: dict) -> dict:

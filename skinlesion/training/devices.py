@@ -10,6 +10,7 @@ import torch
 
 from skinlesion import PipelineError
 
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bfloat16 natively (AVX-512 BF16 or AMX): there, bf16
     autocast nearly doubles a ResNet training step; elsewhere it is emulated and slow."""

@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from skinlesion import PipelineError
 from skinlesion.files import stable_seed
-
+from skinlesion.training.models import normalise
 
 # "strong": the flips plus, per sample, a rotation by any angle, a zoom into the
 # image, a shift, and brightness/contrast/saturation jitter (ranges below).
@@ -94,8 +93,7 @@ class ArrayLoader:
         self.epoch = 0
         self.rank, self.world = rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = mean, std
         if device.type == "cuda":
             self.images = self.images.pin_memory()
 
@@ -127,5 +125,5 @@ class ArrayLoader:
                 batch = dihedral(batch, generator)
             elif self.augment == "strong":
                 batch = affine_and_colour(batch, generator)
-            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # see models.channels_last
+            batch = normalise(batch, self.mean, self.std)
             yield batch, self.labels[index].to(self.device, non_blocking=True)

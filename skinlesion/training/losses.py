@@ -11,7 +11,6 @@ from torch import nn
 from skinlesion import CLASSES, PipelineError
 
 
-
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """``n / (k * n_c)``: each class then carries the same total weight."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)

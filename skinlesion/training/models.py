@@ -301,6 +301,14 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def normalise(batch: torch.Tensor, mean, std) -> torch.Tensor:
+    """A float batch in 0..255 (N x 3 x H x W) as the models take it: ImageNet-normalised
+    and channels-last (see ``channels_last``). Training and inference both go through here."""
+    mean = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=batch.device).view(1, 3, 1, 1) * 255
+    return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 def channels_last(model: nn.Module) -> nn.Module:
     """Convolution weights in channels-last layout, on any device: with NHWC input
     (what a uint8 batch becomes after ``permute``) oneDNN and cuDNN both run faster;
