@@ -46,9 +46,11 @@ from skinlesion.data.prepare import load_image  # noqa: E402
 from skinlesion.evaluation import inference  # noqa: E402
 from skinlesion.params import set_values as set_params  # noqa: E402
 from skinlesion.training import models  # noqa: E402
+from skinlesion.training.devices import amp_dtype  # noqa: E402
 from skinlesion.training.loader import ArrayLoader  # noqa: E402
 
 HEAD = {"hidden": 256, "dropout": 0.3}
+RECIPE = yaml.safe_load((ROOT / "params.yaml").read_text())
 PARAM_CHANGES = {  # one param per stage, and the stages that should rerun
     "download": ("download.max_unpacked_gb", 63),
     "prepare": ("prepare.image_size", None),  # set to size - 16 at run time
@@ -71,19 +73,22 @@ def timed(step, warmup: int, repeats: int, sync) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def bench_model(name: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> dict:
+def bench_model(name: str, size: int, batch: int, device: torch.device, steps: int, precision: str,
+                augment: str, compile_step: bool = False) -> dict:
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     model = models.build(name, num_classes=len(CLASSES), image_size=size, settings={}, head=HEAD).to(device)
     model = models.channels_last(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(precision, device)  # what train.precision picks on this device
+    amp = dtype is not None
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fmt = torch.channels_last
+    forward = torch.compile(model) if compile_step else model
 
     def step(images, labels):
-        with torch.autocast(device.type, dtype=dtype, enabled=amp and cuda):
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(forward(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,28 +103,31 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
     count = batch * (steps + 2)
     pixels = np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
     labels = np.random.default_rng(1).integers(0, len(CLASSES), count)
+    # The real path draws batches the way the recipe does: its own augmentation.
     loader = ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                         device=device, shuffle=True, augment="flips")
+                         device=device, shuffle=True, augment=augment)
     batches = iter(loader)
     real = batch / timed(lambda: step(*next(batches)), 2, steps, sync)
     model_only = max(model_only, batch / timed(lambda: step(fixed, fixed_labels), 1, steps, sync))
 
     def load_only():
         for _ in ArrayLoader(pixels, labels, batch_size=batch, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                             device=device, shuffle=True, augment="flips"):
+                             device=device, shuffle=True, augment=augment):
             pass
     loader_rate = count / timed(load_only, 1, 3, sync)
 
     model.eval()
     info = {"image_size": size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "classes": CLASSES}
     def forward_only_rate():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp and cuda):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
             return batch / timed(lambda: model(fixed), 2, steps, sync)
     forward_only = forward_only_rate()
     predict_rate = count / timed(
         lambda: inference.predict(model, info, pixels, batch_size=batch, device=device), 1, 2, sync)
     forward_only = max(forward_only, forward_only_rate())
-    return {"model": name, "image_size": size, "batch": batch, "device": str(device), "amp": amp and cuda,
+    return {"model": name, "image_size": size, "batch": batch, "device": str(device),
+            "precision": str(dtype).replace("torch.", "") if amp else "float32", "augment": augment,
+            "compiled": compile_step,
             "parameters": models.parameter_count(model),
             "train_images_per_s": round(real, 1), "train_model_only_images_per_s": round(model_only, 1),
             "train_ratio": round(real / model_only, 3),
@@ -170,11 +178,12 @@ def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | px | batch | device | train img/s | model-only img/s | ratio | loader img/s "
-             "| predict img/s | forward-only img/s | ratio |", "|" + "---|" * 11]
+    lines = ["| model | px | batch | device | precision | augment | train img/s | model-only img/s | ratio | loader img/s "
+             "| predict img/s | forward-only img/s | ratio |", "|" + "---|" * 13]
     for row in result["models"]:
         lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['device']}"
-                     f"{' AMP' if row['amp'] else ''} | {row['train_images_per_s']} | "
+                     f"{' compiled' if row['compiled'] else ''} | {row['precision']} | {row['augment']} | "
+                     f"{row['train_images_per_s']} | "
                      f"{row['train_model_only_images_per_s']} | {row['train_ratio']} | {row['loader_images_per_s']} | "
                      f"{row['predict_images_per_s']} | {row['forward_only_images_per_s']} | {row['predict_ratio']} |")
     if "decode_jpeg_images_per_s" in result:
@@ -198,7 +207,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "auto"],
+                        help="train.precision values to time (auto: bf16 on a CPU with native bf16, mixed on CUDA)")
+    parser.add_argument("--augment", default=RECIPE["train"]["augment"],
+                        help="the augmentation of the real training path (default: the recipe's)")
+    parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs in the pipeline run")
     parser.add_argument("--pipeline-model", default="simple_cnn", help="the model trained in the pipeline run")
     parser.add_argument("--skip-pipeline", action="store_true")
@@ -209,8 +222,9 @@ def main() -> None:
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpus": os.cpu_count(), "device": torch.cuda.get_device_name() if device.type == "cuda"
                           else platform.processor() or platform.machine()}}
-    result["models"] = [bench_model(name, args.size, args.batch, device, args.steps, not args.no_amp)
-                        for name in args.models]
+    result["models"] = [bench_model(name, args.size, args.batch, device, args.steps, precision, args.augment, compiled)
+                        for name in args.models for precision in dict.fromkeys(args.precision)
+                        for compiled in ([False, True] if args.compile else [False])]
     if not args.skip_pipeline:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
