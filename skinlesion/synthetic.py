@@ -8,6 +8,7 @@ image has a mask, as in the real set.
 from __future__ import annotations
 
 import zipfile
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -78,29 +79,32 @@ def make_dataset(
                 files.append((image_id, *_draw(rng, dx, size)))
     frame = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
     frame.to_csv(folder / "HAM10000_metadata.csv", index=False)
+    _write_files(folder, files, layout)
+    return frame
 
-    def encode(image: Image.Image, fmt: str) -> bytes:
-        from io import BytesIO
 
-        buffer = BytesIO()
-        image.save(buffer, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-        return buffer.getvalue()
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
 
+
+def _write_files(folder: Path, files: list, layout: str) -> None:
+    """Images and masks as the official set ships them (``folder``) or zipped (``zips``)."""
     if layout == "folder":
         half = len(files) // 2
         for number, (image_id, image, mask) in enumerate(files):
             part = folder / f"HAM10000_images_part_{1 if number < half else 2}"
             part.mkdir(exist_ok=True)
-            (part / f"{image_id}.jpg").write_bytes(encode(image, "JPEG"))
+            (part / f"{image_id}.jpg").write_bytes(_encode(image, "JPEG"))
             masks = folder / "HAM10000_segmentations_lesion_tschandl"
             masks.mkdir(exist_ok=True)
-            (masks / f"{image_id}_segmentation.png").write_bytes(encode(mask, "PNG"))
+            (masks / f"{image_id}_segmentation.png").write_bytes(_encode(mask, "PNG"))
     elif layout == "zips":
         with zipfile.ZipFile(folder / "HAM10000_images.zip", "w") as images, \
                 zipfile.ZipFile(folder / "HAM10000_segmentations.zip", "w") as masks:
             for image_id, image, mask in files:
-                images.writestr(f"{image_id}.jpg", encode(image, "JPEG"))
-                masks.writestr(f"{image_id}_segmentation.png", encode(mask, "PNG"))
+                images.writestr(f"{image_id}.jpg", _encode(image, "JPEG"))
+                masks.writestr(f"{image_id}_segmentation.png", _encode(mask, "PNG"))
     else:
         raise ValueError(f"layout must be 'folder' or 'zips', not {layout!r}")
-    return frame

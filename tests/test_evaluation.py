@@ -27,19 +27,69 @@ PROBABILITIES = np.array([
 
 
 def test_metrics_match_hand_computed_values():
-    result = metrics.evaluate(LABELS, PROBABILITIES)
+    result, details = metrics.report(LABELS, PROBABILITIES, np.array(["a", "b", "c", "d"]), resamples=50)
+    assert list(result)[:4] == ["balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc"]  # the headline first
     assert result["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 2) / 2)  # recall 0.5 and 1.0
     assert result["accuracy"] == pytest.approx(3 / 4)
+    assert result["recall"]["akiec"] == pytest.approx(0.5) and result["recall"]["bcc"] == pytest.approx(1.0)
     # class 0 vs rest: positives score 0.90, 0.25; negatives 0.20, 0.30 -> 3 of 4 pairs ordered
-    assert result["per_class"]["akiec"]["roc_auc"] == pytest.approx(0.75)
-    assert result["per_class"]["bcc"]["roc_auc"] == pytest.approx(1.0)
+    assert details["per_class"]["akiec"]["roc_auc"] == pytest.approx(0.75)
+    assert details["per_class"]["bcc"]["roc_auc"] == pytest.approx(1.0)
     assert result["macro_roc_auc"] == pytest.approx(0.875)  # classes with no positive have no AUC
-    assert "roc_auc" not in result["per_class"]["mel"]
+    assert "roc_auc" not in details["per_class"]["mel"]
     # confidences 0.9, 0.6, 0.8, 0.7 in separate bins, correct 1, 0, 1, 1
     assert result["expected_calibration_error"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.3) / 4)
-    assert result["per_class"]["bcc"]["precision"] == pytest.approx(2 / 3)
-    assert result["per_class"]["akiec"]["support"] == 2 and result["per_class"]["vasc"]["support"] == 0
+    assert details["per_class"]["bcc"]["precision"] == pytest.approx(2 / 3)
+    assert details["per_class"]["akiec"]["support"] == 2 and details["per_class"]["vasc"]["support"] == 0
     assert result["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert result["images"] == 4 and result["lesions"] == 4
+
+
+def _noisy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 7, n)
+    probabilities = rng.random((n, 7))
+    probabilities[np.arange(n), labels] += 0.6
+    return labels, probabilities / probabilities.sum(1, keepdims=True)
+
+
+def test_intervals_resample_lesions_not_images():
+    labels, probabilities = _noisy(300, 0)
+    # every lesion photographed three times: the same label and (near enough) the same prediction
+    labels, probabilities = np.repeat(labels, 3), np.repeat(probabilities, 3, axis=0)
+    by_lesion = np.repeat(np.arange(300), 3)
+    grouped, _ = metrics.report(labels, probabilities, by_lesion, resamples=400, seed=1)
+    naive, _ = metrics.report(labels, probabilities, np.arange(900), resamples=400, seed=1)
+    for key in ("balanced_accuracy", "accuracy", "macro_roc_auc"):
+        low, high = grouped["ci95"][key]["low"], grouped["ci95"][key]["high"]
+        assert low < grouped[key] < high
+        width, naive_width = high - low, naive["ci95"][key]["high"] - naive["ci95"][key]["low"]
+        assert width > 1.4 * naive_width  # about sqrt(3) wider: 300 independent lesions, not 900 images
+    assert grouped["lesions"] == 300 and grouped["ci95"]["resamples"] == 400
+    again, _ = metrics.report(labels, probabilities, by_lesion, resamples=400, seed=1)
+    assert again == grouped  # the seed makes the intervals repeatable
+
+
+def test_the_melanoma_operating_point_applies_the_validation_threshold_once():
+    labels, probabilities = _noisy(500, 2)
+    mel = 4
+    threshold = 0.3
+    result, _ = metrics.report(labels, probabilities, np.arange(500), mel_threshold=threshold, resamples=100)
+    flagged = probabilities[:, mel] >= threshold
+    assert result["melanoma"]["threshold"] == threshold
+    assert result["melanoma"]["sensitivity"] == pytest.approx(flagged[labels == mel].mean())
+    assert result["melanoma"]["specificity"] == pytest.approx((~flagged[labels != mel]).mean())
+    assert "melanoma_sensitivity" in result["ci95"] and "melanoma_specificity" in result["ci95"]
+
+
+def test_weighted_auc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    labels, probabilities = _noisy(200, 3)
+    weight = np.random.default_rng(4).integers(0, 4, 200).astype(float)
+    score = probabilities[:, 1].round(2)  # with ties
+    assert metrics.weighted_auc(labels == 1, score, weight) == pytest.approx(
+        roc_auc_score(labels == 1, score, sample_weight=weight))
 
 
 def test_melanoma_sensitivity_at_fixed_specificity():
@@ -94,6 +144,7 @@ def model_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_predict_command_reports_bad_files_and_keeps_going(model_file, synthetic_folder, tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(synthetic_folder / "HAM10000_images_part_1", folder)
@@ -114,6 +165,7 @@ def test_predict_command_reports_bad_files_and_keeps_going(model_file, synthetic
     assert set(table.predicted) <= {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
 
 
+@pytest.mark.slow
 def test_predict_command_on_a_single_image_and_a_missing_model(model_file, synthetic_folder, tmp_path):
     image = sorted((synthetic_folder / "HAM10000_images_part_1").iterdir())[0]
     ok = subprocess.run([sys.executable, "-m", "skinlesion.predict", str(model_file), str(image),
@@ -125,13 +177,14 @@ def test_predict_command_on_a_single_image_and_a_missing_model(model_file, synth
     assert not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.slow
 def test_score_command_writes_the_evaluate_metrics(model_file, synthetic_zips, tmp_path):
     result = subprocess.run([sys.executable, "-m", "skinlesion.predict", "--score", str(model_file),
                              str(synthetic_zips), "-o", str(tmp_path / "m.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     scored = json.loads((tmp_path / "m.json").read_text())
     assert scored["images"] == len(pd.read_csv(synthetic_zips / "HAM10000_metadata.csv"))
-    assert {"balanced_accuracy", "macro_roc_auc", "expected_calibration_error", "per_class"} <= set(scored)
+    assert {"balanced_accuracy", "macro_roc_auc", "expected_calibration_error", "recall", "ci95"} <= set(scored)
 
 
 class _Payload:

@@ -87,10 +87,11 @@ def test_local_weights_file_is_loaded_into_the_backbone(tmp_path):
                      weights_path=str(tmp_path / "nope.pth"))
 
 
+@pytest.mark.slow
 def test_missing_imagenet_weights_fail_with_the_fix(tmp_path):
     """No cached file and no way to download (proxy pointed at a closed local port):
     the build stops at once and says where to put the file, never trains from random."""
-    code = ("from skinlesion import models\n"
+    code = ("from skinlesion.training import models\n"
             "models.build('resnet18', num_classes=7, image_size=64, settings={}, head={'hidden': 0, 'dropout': 0},"
             " pretrained=True)\n")
     env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "torch"), "HOME": str(tmp_path),

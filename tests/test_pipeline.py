@@ -85,8 +85,11 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
     assert ran(result.stdout) == ["prepare", "balance", "train", "calibrate", "evaluate", "explain"]
-    shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    assert "image_size" in shown
+    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert summary["image_size"] == 24  # the model was trained at the new size, not just the param changed
+    import numpy as np
+
+    assert np.load(project / "data/prepared/images.npy", mmap_mode="r").shape[1:] == (24, 24, 3)
     # `exp run` leaves its result in the workspace; put the committed state back.
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
@@ -193,3 +196,19 @@ def test_the_registered_model_comes_back_byte_for_byte_through_dvc_artifacts_get
     finally:
         run(["dvc", "remote", "remove", "registry-test"], project, check=False)
         run(["git", "tag", "-d", "skin-lesion-classifier@v0.1.0"], project, check=False)
+
+
+def test_evaluate_writes_intervals_and_a_model_card_generated_from_them(project):
+    result = json.loads((project / "metrics/evaluate.json").read_text())
+    assert list(result)[0] == "balanced_accuracy"  # the headline leads `dvc exp show`
+    interval = result["ci95"]["balanced_accuracy"]
+    assert interval["low"] <= result["balanced_accuracy"] <= interval["high"]
+    assert result["ci95"]["resamples"] == yaml.safe_load((project / "params.yaml").read_text())["evaluate"][
+        "bootstrap_resamples"]
+    card = (project / "models/MODEL_CARD.md").read_text()
+    assert f"{result['balanced_accuracy']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]" in card
+    assert "not a diagnosis" in card and f"{result['images']} test images of {result['lesions']} lesions" in card
+    from skinlesion import modelfile
+
+    _, info = modelfile.load(project / "models/model.pt")
+    assert {"tta", "tau", "temperature", "mel_threshold", "log_prior"} <= set(info["scoring"])

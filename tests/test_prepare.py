@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, params
 from skinlesion.data import download, prepare
 
 
@@ -42,11 +42,16 @@ def test_same_input_same_bytes(raw, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.mark.parametrize("size", [8, 2000, 64.5, "128", True])
-def test_bad_image_size(raw, tmp_path, size):
-    with pytest.raises(PipelineError, match="prepare.image_size is"):
-        prepare.prepare(raw, tmp_path / "p", size)
-    assert not (tmp_path / "p").exists()
+@pytest.mark.parametrize("size, message", [
+    (8, r"prepare.image_size is 8; expected a whole number in \[16, 1024\]"),
+    (2000, r"prepare.image_size is 2000; expected a whole number in \[16, 1024\]"),
+    (64.5, r"prepare.image_size is 64.5 \(float\); expected a whole number"),
+    ("128", r"prepare.image_size is '128' \(str\); expected a whole number"),
+    (True, r"prepare.image_size is True \(bool\); expected a whole number"),
+])
+def test_bad_image_size_is_named_before_anything_is_written(size, message):
+    with pytest.raises(PipelineError, match=message):
+        params.check(params.schema_at("prepare"), {"image_size": size}, "prepare")
 
 
 def test_unknown_image_id_lookup(raw, tmp_path):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from skinlesion import modelfile
+from skinlesion.training import models
 from tests.conftest import make_project, run
 
 pytestmark = pytest.mark.slow  # real git+DVC projects and processes
@@ -77,6 +78,29 @@ def test_queued_experiments_run_in_parallel_and_are_listed(project):
         time.sleep(3)
     assert status.count("Success") == 2, status
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
-    text = json.dumps(shown)
-    assert "resnet18" in text and "efficientnet_b0" in text
+    runs = [entry for entry in _entries(shown) if entry.get("name") and "params" in entry.get("data", {})]
+    trained = {}
+    for entry in runs:
+        data = entry["data"]
+        chosen = data["params"]["params.yaml"]["data"]["model"]
+        summary = data.get("metrics", {}).get("metrics/train/metrics.json", {}).get("data", {})
+        trained[chosen] = summary.get("parameters")
+    # each queued run trained the model it was given (its own parameter count), not the baseline's
+    assert trained.get("resnet18") == models.parameter_count(
+        models.build("resnet18", num_classes=7, image_size=32, settings={}, head={"hidden": 256, "dropout": 0.3}))
+    assert trained.get("efficientnet_b0") == models.parameter_count(
+        models.build("efficientnet_b0", num_classes=7, image_size=32, settings={}, head={"hidden": 256, "dropout": 0.3}))
     subprocess.run(["dvc", "queue", "stop"], cwd=project, capture_output=True)
+
+
+def _entries(node):
+    """Every revision and experiment entry of `dvc exp show --json`, however nested."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _entries(item)
+    elif isinstance(node, dict):
+        if "rev" in node:
+            yield node
+        for value in node.values():
+            if isinstance(value, (list, dict)):
+                yield from _entries(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, params
 from skinlesion.data.download import download as download_source
 from skinlesion.files import file_digest
 
@@ -147,8 +147,10 @@ def test_published_checksums_of_a_local_copy_are_checked(synthetic_zips, tmp_pat
 
 
 def test_unknown_source_and_missing_path(tmp_path):
-    with pytest.raises(PipelineError, match="expected one of dataverse, isic2018, local"):
-        download_source({**PARAMS, "source": "kaggle", "path": ""}, tmp_path / "raw", tmp_path)
+    with pytest.raises(PipelineError, match="download.source is 'kaggle'; expected one of dataverse, isic2018 or local"):
+        params.check(params.schema_at("download"), {**PARAMS, "source": "kaggle", "path": "", "dataverse_server": "",
+                                                      "dataverse_doi": "", "isic2018_url": "", "cache_dir": ""},
+                     "download")
     with pytest.raises(PipelineError, match="download.path is empty"):
         download_source({**PARAMS, "path": ""}, tmp_path / "raw", tmp_path)
     with pytest.raises(PipelineError, match="does not exist"):

@@ -19,7 +19,6 @@ def _ci(value: float, interval: dict | None) -> str:
 def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> str:
     scoring = info.get("scoring") or {}
     training = info.get("training") or {}
-    ci = test.get("ci95", {})
     lines = [
         f"# Model card: {info['architecture']} for HAM10000 skin-lesion classification", "",
         "**Intended use: research and teaching, not a diagnosis.** It must not be used to decide the care of a "
@@ -37,7 +36,11 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
     ]
     if "mel_threshold" in scoring:
         lines.append(f"- Melanoma flag: probability of mel >= {scoring['mel_threshold']:.4f}")
-    lines += ["", "## Data", ""]
+    return "\n".join(lines + _data(split) + _results(test) + _external(external) + LIMITATIONS)
+
+
+def _data(split: dict) -> list[str]:
+    lines = ["", "## Data", ""]
     shared = split.get("shared_lesions", {})
     lines.append(f"Split by {'lesion (no lesion on two sides)' if not any(shared.values()) else 'IMAGE: THIS SPLIT LEAKS'}; "
                  f"lesions shared between splits: {shared}.")
@@ -48,7 +51,12 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
             part = split[name]
             lines.append(f"| {name} | {part['images']} | {part['lesions']} | "
                          + " | ".join(str(part['classes'].get(c, 0)) for c in CLASSES) + " |")
-    lines += ["", "## Results on the test split (touched once; 95 % intervals from resampling lesions)", "",
+    return lines
+
+
+def _results(test: dict) -> list[str]:
+    ci = test.get("ci95", {})
+    lines = ["", "## Results on the test split (touched once; 95 % intervals from resampling lesions)", "",
               "| figure | value [95 % interval] |", "|---|---|"]
     for key, label in (("balanced_accuracy", "balanced accuracy (headline)"), ("accuracy", "accuracy"),
                        ("macro_f1", "macro-F1"), ("macro_roc_auc", "macro ROC AUC")):
@@ -65,6 +73,11 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
         lines.append(f"| melanoma specificity at the validation threshold | "
                      f"{_ci(mel['specificity'], ci.get('melanoma_specificity'))} |")
     lines.append(f"\n{test['images']} test images of {test['lesions']} lesions.")
+    return lines
+
+
+def _external(external: dict[str, dict] | None) -> list[str]:
+    lines = []
     if external:
         lines += ["", "## External sets", "", "| set | images | balanced accuracy | accuracy | macro ROC AUC |",
                   "|---|---|---|---|---|"]
@@ -73,14 +86,17 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
             lines.append(f"| {name} | {figures['images']} | {_ci(figures['balanced_accuracy'], eci.get('balanced_accuracy'))}"
                          f" | {_ci(figures['accuracy'], eci.get('accuracy'))} | "
                          f"{_ci(figures['macro_roc_auc'], eci.get('macro_roc_auc'))} |")
-    lines += ["", "## Known limitations", "",
-              "- Trained from scratch on a few thousand images of one collection (Vienna and Queensland clinics); "
-              "expect lower figures on other cameras, clinics and skin types.",
-              "- The rare classes have a dozen or two test images (see the table above): their recall intervals are wide.",
-              "- Inputs are squashed to a square at a low resolution; fine structure below that scale is lost.",
-              "- Probabilities are calibrated on the validation split's class mix; a population with other "
-              "class shares needs its own calibration.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+LIMITATIONS = [
+    "", "## Known limitations", "",
+    "- Trained from scratch on a few thousand images of one collection (Vienna and Queensland clinics); "
+    "expect lower figures on other cameras, clinics and skin types.",
+    "- The rare classes have a dozen or two test images (see the table above): their recall intervals are wide.",
+    "- Inputs are squashed to a square at a low resolution; fine structure below that scale is lost.",
+    "- Probabilities are calibrated on the validation split's class mix; a population with other "
+    "class shares needs its own calibration.", ""]
 
 
 def write(path: Path, info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> None:
