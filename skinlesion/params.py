@@ -199,6 +199,15 @@ class Evaluate(Group):
     seed: Seed = 42
 
 
+class ExternalSource(Group):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    path: str
+
+
+class External(Group):
+    sources: list[ExternalSource]
+
+
 class Explain(Group):
     method: Literal["gradcam", "gradcam++"]
     per_class: Whole
@@ -218,6 +227,7 @@ class Params(Group):
     train: Train
     calibrate: Calibrate
     evaluate: Evaluate
+    external: External
     explain: Explain
 
 

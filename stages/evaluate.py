@@ -1,7 +1,6 @@
 """DVC stage `evaluate`: score the calibrated model once on the test split, with 95 %
 lesion-bootstrap intervals (skinlesion.evaluation.evaluate)."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pandas as pd
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
-from skinlesion.evaluation import card, evaluate
+from skinlesion.evaluation import evaluate
 
 
 def main(params):
@@ -21,8 +20,6 @@ def main(params):
     images = prepared.images[prepared.rows(test["image_id"])]
     result = evaluate.evaluate_split(model, info, test, images, settings, metrics_path=Path("metrics/evaluate.json"),
                                      plots_dir=Path("plots/evaluate"), progress="evaluate")
-    split = json.loads(Path("plots/split/summary.json").read_text(encoding="utf-8"))
-    card.write(Path("models/MODEL_CARD.md"), info, split, result)
     ci = result["ci95"]
     logging.info("test (%d images, %d lesions; 95%% lesion-bootstrap intervals): balanced accuracy %.3f [%.3f, %.3f], "
                  "accuracy %.3f [%.3f, %.3f], macro F1 %.3f, macro ROC AUC %.3f [%.3f, %.3f]", result["images"],

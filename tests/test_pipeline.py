@@ -14,7 +14,8 @@ from tests.conftest import make_project, run, set_params
 
 pytestmark = pytest.mark.slow  # real git+DVC projects and processes
 
-STAGES = ["download", "prepare", "split", "balance", "train", "calibrate", "evaluate", "explain"]
+AFTER_TRAIN = ["calibrate", "evaluate", "external", "card", "explain"]
+STAGES = ["download", "prepare", "split", "balance", "train", *AFTER_TRAIN]
 
 
 def ran(output: str) -> list[str]:
@@ -54,7 +55,7 @@ def test_balance_param_reruns_balance_and_train_only(project):
     status = run(["dvc", "status", "--json"], project).stdout
     assert set(json.loads(status)) == {"balance"}
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["balance", "train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["balance", "train", *AFTER_TRAIN]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
     assert changed == {"data/balanced", "plots/balance/summary.json", "plots/balance/augmented_montage.png",
@@ -84,7 +85,7 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
-    assert ran(result.stdout) == ["prepare", "balance", "train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["prepare", "balance", "train", *AFTER_TRAIN]
     summary = json.loads((project / "metrics/train/metrics.json").read_text())
     assert summary["image_size"] == 24  # the model was trained at the new size, not just the param changed
     import numpy as np
@@ -98,7 +99,7 @@ def test_experiment_on_working_size_skips_download_and_split(project):
 def test_split_param_reruns_split_and_what_follows(project):
     set_params(project, {"split.seed": 7})
     try:
-        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", "calibrate", "evaluate", "explain"]
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", *AFTER_TRAIN]
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)
@@ -106,8 +107,8 @@ def test_split_param_reruns_split_and_what_follows(project):
 
 @pytest.mark.parametrize("param, value, stages", [
     ("explain.per_class", 2, ["explain"]), ("explain.method", "gradcam++", ["explain"]),
-    ("evaluate.mel_specificity", 0.8, ["evaluate"]),
-    ("calibrate.tta", "flips", ["calibrate", "evaluate", "explain"]),
+    ("evaluate.mel_specificity", 0.8, ["evaluate", "external"]),
+    ("calibrate.tta", "flips", ["calibrate", "evaluate", "external", "card", "explain"]),
 ])
 def test_scoring_params_rerun_only_their_stage_and_what_follows(project, param, value, stages):
     set_params(project, {param: value})
@@ -131,7 +132,7 @@ def test_metrics_and_plots_diff_show_an_experiment_against_the_baseline(project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)
     result = run(["dvc", "exp", "run", "-S", "train.lr=0.02", "-S", "train.epochs=2"], project)
-    assert ran(result.stdout) == ["train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["train", *AFTER_TRAIN]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
     assert {"metrics/train/metrics.json", "metrics/evaluate.json"} <= set(diff)
     assert diff["metrics/train/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
@@ -150,9 +151,9 @@ def _touch(project, module: str) -> None:
 
 
 @pytest.mark.parametrize("module, stages", [
-    # plots.py draws for split, balance, evaluate and explain; their data outputs do not
+    # plots.py draws for split, balance, evaluate, external and explain; their data outputs do not
     # change, so nothing downstream of them reruns
-    ("skinlesion/plots.py", ["split", "balance", "evaluate", "explain"]),
+    ("skinlesion/plots.py", ["split", "balance", "evaluate", "external", "explain"]),
     ("skinlesion/evaluation/explain.py", ["explain"]),
     ("skinlesion/training/schedule.py", ["train"]),
 ])
@@ -212,3 +213,21 @@ def test_evaluate_writes_intervals_and_a_model_card_generated_from_them(project)
 
     _, info = modelfile.load(project / "models/model.pt")
     assert {"tta", "tau", "temperature", "mel_threshold", "log_prior"} <= set(info["scoring"])
+
+
+def test_an_external_set_is_scored_like_the_test_split_and_reaches_the_model_card(project, synthetic_folder):
+    assert json.loads((project / "metrics/external.json").read_text()) == {}  # none listed: nothing scored
+    set_params(project, {"external.sources": [{"name": "synthetic-folder", "path": str(synthetic_folder)}]})
+    try:
+        assert ran(run(["dvc", "repro"], project).stdout) == ["external", "card"]
+        scored = json.loads((project / "metrics/external.json").read_text())["synthetic-folder"]
+        assert scored["images"] == len(list(synthetic_folder.glob("HAM10000_images_part_*/*.jpg")))
+        assert list(scored)[0] == "balanced_accuracy" and "ci95" in scored
+        assert (project / "plots/external/synthetic-folder/confusion_matrix.png").is_file()
+        assert "| synthetic-folder |" in (project / "models/MODEL_CARD.md").read_text()
+        set_params(project, {"external.sources": [{"name": "x", "path": str(project / "nowhere")}]})
+        failed = run(["dvc", "repro"], project, check=False)
+        assert failed.returncode != 0 and "external.sources item 1 (x)" in failed.stderr and "does not exist" in failed.stderr
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+        run(["dvc", "repro"], project)

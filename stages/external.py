@@ -1,0 +1,32 @@
+"""DVC stage `external`: score the model on each labelled set listed in
+`external.sources` (folders or zips in HAM10000 layout), with the test split's
+metrics, intervals and plots (skinlesion.evaluation.external). An empty list is
+the default and costs nothing."""
+
+import logging
+from pathlib import Path
+
+from skinlesion import modelfile
+from skinlesion.cli import run_stage
+from skinlesion.evaluation import external
+from skinlesion.files import atomic_dir, write_json
+from skinlesion.predict import decode_all
+
+
+def main(params):
+    sources = external.check_sources(params["external"]["sources"])
+    results = {}
+    with atomic_dir(Path("plots/external")) as plots:
+        if sources:
+            model, info = modelfile.load(Path("models/model.pt"))
+            results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all)
+    write_json(Path("metrics/external.json"), results, sort_keys=False)
+    for name, result in results.items():
+        logging.info("%s (%d images): balanced accuracy %.3f, accuracy %.3f, macro ROC AUC %.3f", name,
+                     result["images"], result["balanced_accuracy"], result["accuracy"], result["macro_roc_auc"])
+    if not results:
+        logging.info("no external sets listed (external.sources)")
+
+
+if __name__ == "__main__":
+    run_stage("external", main)
