@@ -13,13 +13,13 @@ import pytest
 
 from skinlesion import PipelineError
 from skinlesion.files import file_digest
-from skinlesion.data import download
+from skinlesion.data import download as sources
 
 PARAMS = {"source": "local", "retries": 0, "max_unpacked_gb": 1}
 
 
 def download(path: Path, tmp_path: Path, **extra) -> dict:
-    return download.download({**PARAMS, "path": str(path), **extra}, tmp_path / "raw", tmp_path / "cache")
+    return sources.download({**PARAMS, "path": str(path), **extra}, tmp_path / "raw", tmp_path / "cache")
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -148,9 +148,9 @@ def test_published_checksums_of_a_local_copy_are_checked(synthetic_zips, tmp_pat
 
 def test_unknown_source_and_missing_path(tmp_path):
     with pytest.raises(PipelineError, match="expected one of dataverse, isic2018, local"):
-        download.download({**PARAMS, "source": "kaggle", "path": ""}, tmp_path / "raw", tmp_path)
+        sources.download({**PARAMS, "source": "kaggle", "path": ""}, tmp_path / "raw", tmp_path)
     with pytest.raises(PipelineError, match="download.path is empty"):
-        download.download({**PARAMS, "path": ""}, tmp_path / "raw", tmp_path)
+        sources.download({**PARAMS, "path": ""}, tmp_path / "raw", tmp_path)
     with pytest.raises(PipelineError, match="does not exist"):
         download(tmp_path / "nowhere", tmp_path)
 
