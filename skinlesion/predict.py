@@ -4,7 +4,8 @@
     python -m skinlesion.predict --score MODEL SOURCE [--labels CSV] -o metrics.json
 
 INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
-folder or zip in HAM10000 layout. A file that is not a readable image gets one
+folder or zip in HAM10000 layout. Images are decoded exactly as the pipeline decodes
+them (skinlesion.data.images). A file that is not a usable image gets one
 line on stderr and the rest are still processed; the exit code is 1 if any file
 failed, 2 for a usage or input error.
 """
@@ -16,19 +17,16 @@ import logging
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import UnidentifiedImageError
 
 from skinlesion import CLASSES, PipelineError, modelfile
 from skinlesion.evaluation import inference, metrics
 from skinlesion.files import write_csv, write_json
-from skinlesion.data.prepare import load_image
-from skinlesion.progress import bar
+from skinlesion.data.images import Unusable, load_image
+from skinlesion.progress import bar, threads
 from skinlesion.data import archives, assemble
 
 log = logging.getLogger("skinlesion.predict")
@@ -41,14 +39,11 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
 
     def decode(member):
         try:
-            return load_image(BytesIO(member.read()), size), None
-        except UnidentifiedImageError:
-            return None, f"{member.origin}: not an image (no format Pillow recognises)"
-        except Exception as error:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return None, f"{member.origin}: not a readable image ({reason})"
+            return load_image(member, size), None
+        except Unusable as error:
+            return None, f"{member.origin} {error}"
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with threads(os.cpu_count() or 1) as pool:
         results = list(bar(pool.map(decode, members), total=len(members), desc="decode", unit="img"))
     ok = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
     errors = [error for _, error in results if error]

@@ -8,11 +8,8 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Callable, Iterable
-
-from PIL import Image, UnidentifiedImageError
 
 from skinlesion import PipelineError
 
@@ -131,20 +128,3 @@ class Collector:
         target = Path(tempfile.mkdtemp(dir=self.scratch)) / member.name
         target.write_bytes(member.read())
         return target
-
-
-def check_image(data: bytes, *, rgb: bool) -> str | None:
-    """Why ``data`` is not a usable image, or None when it decodes completely."""
-    try:
-        with Image.open(BytesIO(data)) as image:
-            image.load()
-            if rgb and image.mode != "RGB":
-                return f"has mode {image.mode}, expected an RGB colour image"
-    except Image.DecompressionBombError as error:
-        return f"is implausibly large ({error})"
-    except UnidentifiedImageError:
-        return "is empty (0 bytes)" if not data else "is not an image format Pillow recognises"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"cannot be decoded ({error})"
-    return None
-

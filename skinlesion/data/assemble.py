@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -20,11 +19,11 @@ from typing import Iterable
 import pandas as pd
 
 from skinlesion import CLASSES, PipelineError
-from skinlesion.data import metadata
+from skinlesion.data import images as decoding, metadata
 from skinlesion.data.archives import (CHECKSUM_FILE, IMAGE_NAME, MASK_NAME, TABLE_SUFFIXES, SHOWN, Collector, Member,
-                                      check_image, names)
+                                      names)
 from skinlesion.files import write_json
-from skinlesion.progress import bar
+from skinlesion.progress import bar, threads
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +138,30 @@ def _assemble(collector, members, out, source_info, metadata_frame, used) -> dic
     ids = list(metadata_frame["image_id"])
 
     def copy(image_id: str) -> list[str]:
+        # Checked by the decoding that prepare and the prediction command use, so a file
+        # kept here is one they read, with the same pixels.
         problems = []
-        data = images[image_id].read()
-        if reason := check_image(data, rgb=True):
-            problems.append(f"{images[image_id].origin} {reason}")
-        else:
-            (out / "images" / f"{image_id}.jpg").write_bytes(data)
-        if image_id in masks:
-            mask = masks[image_id].read()
-            if reason := check_image(mask, rgb=False):
-                problems.append(f"{masks[image_id].origin} {reason}")
+        for member, target, check in ((images[image_id], out / "images" / f"{image_id}.jpg", decoding.problem),
+                                      (masks.get(image_id), out / "masks" / f"{image_id}.png", decoding.mask_problem)):
+            if member is None:
+                continue
+            try:
+                data = decoding.read(member)
+            except decoding.Unusable as error:
+                problems.append(f"{member.origin} {error}")
+                continue
+            if reason := check(data):
+                problems.append(f"{member.origin} {reason}")
             else:
-                (out / "masks" / f"{image_id}.png").write_bytes(mask)
+                target.write_bytes(data)
         return problems
 
     workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    with threads(workers) as pool:
         results = list(bar(pool.map(copy, ids), total=len(ids), desc="validate images", unit="img"))
     problems = [problem for result in results for problem in result]
     if problems:
-        raise PipelineError(f"{len(problems)} unreadable file(s): {'; '.join(problems[:SHOWN])}"
+        raise PipelineError(f"{len(problems)} unusable file(s): {'; '.join(problems[:SHOWN])}"
                             + (f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""))
 
     metadata.write(out / "metadata.csv", metadata_frame)
