@@ -98,7 +98,8 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
         bucket[key] = member
 
     if metadata_frame is None:
-        candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t))]
+        candidates = [t for t in tables
+                      if metadata.header_looks_like_metadata(collector.materialize(t), name=t.origin)]
         if not candidates:
             named = [t for t in tables if "metadata" in t.name.lower()]
             if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
@@ -119,8 +120,12 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
     listed = set(metadata_frame["image_id"])
     missing = sorted(listed - images.keys())
     if missing:
+        absent = set(missing)
+        elsewhere = sorted(origin for origin in others if Path(origin.split(":")[-1]).stem in absent)
+        hint = (f"; {len(elsewhere)} of them are there under another extension ({names(elsewhere)}), but a "
+                f"HAM10000 source holds its images as .jpg/.jpeg: convert those to JPEG") if elsewhere else ""
         raise PipelineError(
-            f"{len(missing)} image(s) listed in {metadata_origin} are missing: {names(missing)}"
+            f"{len(missing)} image(s) listed in {metadata_origin} are missing: {names(missing)}{hint}"
         )
     return Indexed(metadata_frame, metadata_origin, images, masks, sorted(others),
                    sorted(images[key].origin for key in images.keys() - listed),
