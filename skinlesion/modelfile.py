@@ -5,6 +5,8 @@ class names in order, input size, normalisation. Loading never unpickles code
 from __future__ import annotations
 
 import io
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -55,6 +57,9 @@ def _read(path: Path) -> dict:
         if path.stat().st_size == 0:
             raise PipelineError(f"{path} is empty (0 bytes), not a model file (an interrupted copy?); copy it "
                                 f"again or {HINT}")
+        with open(path, "rb") as handle:
+            if not zipfile.is_zipfile(handle):  # what torch.save writes
+                raise PipelineError(f"{path}: not a model file (not a PyTorch archive); {HINT}")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such model file; run `dvc repro train` first") from None
@@ -65,7 +70,11 @@ def _read(path: Path) -> dict:
                             f"access to it") from None
     except PipelineError:
         raise
-    except Exception as error:  # noqa: BLE001 - unpickling refusals and corrupt files alike
+    except pickle.UnpicklingError as error:
+        # torch's own message suggests weights_only=False: the unsafe load this refusal prevents.
+        raise PipelineError(f"{path}: not a loadable model file (it holds objects other than weights, which "
+                            f"are never loaded: they could run code); {HINT}") from None
+    except Exception as error:  # noqa: BLE001 - corrupt files of every kind
         raise PipelineError(f"{path}: not a loadable model file ({_first_line(error)}); {HINT}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PipelineError(f"{path}: not a {FORMAT} file; {HINT}")

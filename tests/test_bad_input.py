@@ -63,7 +63,7 @@ PREDICT_CASES = {
     "empty model file": (lambda k, t: [*PREDICT, (t / "m.pt").touch() or t / "m.pt", k.image, "-o", t / "out.csv"],
                          2, "m.pt is empty (0 bytes), not a model file", False),
     "model is a JPEG": (lambda k, t: [*PREDICT, k.image, k.image, "-o", t / "out.csv"],
-                        2, "ISIC_0024306.jpg: not a loadable model file", False),
+                        2, "ISIC_0024306.jpg: not a model file (not a PyTorch archive)", False),
     "model is a folder": (lambda k, t: [*PREDICT, k.ham, k.image, "-o", t / "out.csv"],
                           2, "ham is a folder, not a model file", False),
     "model is someone else's weights": (
