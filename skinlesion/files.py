@@ -1,35 +1,67 @@
 """Atomic, byte-stable file output, and hashing.
 
 Every output is written to a temporary name beside its target and renamed into
-place, so an interrupted stage never leaves a truncated file behind.
+place, so an interrupted stage never leaves a truncated file behind. Outputs get
+the permissions of any new file (0644 and 0755 under umask 022): the temporary
+names are created with open/mkdir, which honour the umask, not with mkstemp and
+mkdtemp, which make them private (0600, 0700).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _temporary(path: Path, create: Callable[[Path], None]) -> Path:
+    """A new, unused name beside ``path``, created by ``create``. An error names the
+    folder, which the user can fix, not the temporary name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, str(path.parent)) from None
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _name_full_disk(path: Path, error: OSError) -> None:
+    """Raise ``error`` naming ``path`` if it is a full disk that names nothing: a
+    write() knows no file name, and "no space left" alone does not say where."""
+    if error.errno in FULL and error.filename is None:
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _temporary(path, _new_file)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        _name_full_disk(path, error)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -38,16 +70,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; it replaces ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary(path, lambda candidate: os.mkdir(candidate, 0o777))
     try:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as error:
+        _name_full_disk(path, error)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def reserve(path: Path) -> None:
+    """Allocate the disk space of ``path`` (a sparse file, e.g. a new memory map) now,
+    so that a full disk is an OSError here rather than a crash (SIGBUS) later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno in FULL:
+                raise
+            # EINVAL, EOPNOTSUPP: a file system that cannot reserve space; write as before.
 
 
 def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:

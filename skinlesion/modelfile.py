@@ -5,6 +5,8 @@ class names in order, input size, normalisation. Loading never unpickles code
 from __future__ import annotations
 
 import io
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -41,15 +43,45 @@ def with_scoring(source: str | Path, target: str | Path, scoring: dict) -> None:
     _write(target, payload)
 
 
+HINT = "give a model file written by the train or calibrate stage (models/model.pt)"
+REQUIRED = ("architecture", "settings", "head", "classes", "image_size", "mean", "std", "state_dict")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read(path: Path) -> dict:
     try:
+        if path.stat().st_size == 0:
+            raise PipelineError(f"{path} is empty (0 bytes), not a model file (an interrupted copy?); copy it "
+                                f"again or {HINT}")
+        with open(path, "rb") as handle:
+            if not zipfile.is_zipfile(handle):  # what torch.save writes
+                raise PipelineError(f"{path}: not a model file (not a PyTorch archive); {HINT}")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such model file; run `dvc repro train` first") from None
-    except Exception as error:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise PipelineError(f"{path}: not a loadable model file ({str(error).splitlines()[0]})") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path} is a folder, not a model file; {HINT}") from None
+    except PermissionError:
+        raise PipelineError(f"{path}: cannot read the model file (permission denied); give this user read "
+                            f"access to it") from None
+    except PipelineError:
+        raise
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: the unsafe load this refusal prevents.
+        raise PipelineError(f"{path}: not a loadable model file (it holds objects other than weights, which "
+                            f"are never loaded: they could run code); {HINT}") from None
+    except Exception as error:  # noqa: BLE001 - corrupt files of every kind
+        raise PipelineError(f"{path}: not a loadable model file ({_first_line(error)}); {HINT}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise PipelineError(f"{path}: not a {FORMAT} file")
+        raise PipelineError(f"{path}: not a {FORMAT} file; {HINT}")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise PipelineError(f"{path}: a {FORMAT} file without {', '.join(missing)} (damaged, or written by "
+                            f"another version); {HINT}")
     return payload
 
 
@@ -58,6 +90,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.C
     payload = _read(Path(path))
     model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
                          image_size=payload["image_size"], settings=payload["settings"], head=payload["head"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise PipelineError(f"{path}: its weights do not fit its {payload['architecture']} architecture "
+                            f"({_first_line(error)}); the file is damaged or was edited; {HINT}") from None
     info = {key: value for key, value in payload.items() if key != "state_dict"}
     return models.channels_last(model.to(device)).eval(), info

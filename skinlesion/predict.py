@@ -4,9 +4,14 @@
     python -m skinlesion.predict --score MODEL SOURCE [--labels CSV] -o metrics.json
 
 INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
-folder or zip in HAM10000 layout. A file that is not a readable image gets one
-line on stderr and the rest are still processed; the exit code is 1 if any file
-failed, 2 for a usage or input error.
+folder or zip in HAM10000 layout. What that layout names as lesion masks
+(``*_segmentation.png``), metadata tables (``.csv``) and checksum lists, hidden and
+system files (``.DS_Store``, ``Thumbs.db``) and an earlier output are skipped, with one
+line saying how many (``--include-masks`` classifies masks too). Images are decoded
+exactly as the pipeline decodes them (skinlesion.data.images). A file that is not a
+usable image gets one line on stderr and the rest are still processed. Exit code: 0
+when every file was classified, 1 if any file failed or the output could not be
+written, 2 for a bad option, model file or input (nothing is written), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -16,23 +21,31 @@ import logging
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import UnidentifiedImageError
 
-from skinlesion import CLASSES, PipelineError, modelfile, params
+from skinlesion import CLASSES, PipelineError, cli, modelfile, params
 from skinlesion.data import archives, assemble
-from skinlesion.data.prepare import load_image
+from skinlesion.data.images import Unusable, load_image
 from skinlesion.evaluation import evaluate, inference
 from skinlesion.files import write_csv
-from skinlesion.progress import bar
+from skinlesion.progress import bar, threads
 
 log = logging.getLogger("skinlesion.predict")
 MAX_BYTES = 64 * 2**30
+# Images decoded and held at once: memory stays at one chunk of pixels however large
+# the input (2048 at 128 px is 100 MB; 100,000 images at once would be 4.9 GB, twice
+# that while stacked).
+CHUNK = 2048
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+
+
+def printable(name: str) -> str:
+    """``name`` as text that can be written: a file name that is not UTF-8 (from a
+    Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:
@@ -41,37 +54,100 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
 
     def decode(member):
         try:
-            return load_image(BytesIO(member.read()), size), None
-        except UnidentifiedImageError:
-            return None, f"{member.origin}: not an image (no format Pillow recognises)"
-        except Exception as error:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return None, f"{member.origin}: not a readable image ({reason})"
+            return load_image(member, size), None
+        except Unusable as error:
+            return None, f"{printable(member.origin)} {error}"
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        results = list(bar(pool.map(decode, members), total=len(members), desc="decode", unit="img"))
+    with threads(os.cpu_count() or 1) as pool:
+        results = list(pool.map(decode, members))
     ok = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
     errors = [error for _, error in results if error]
     pixels = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
     return ok, pixels, errors
 
 
-def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int) -> int:
+def classify(model, info: dict, members: list[archives.Member], batch_size: int,
+             desc: str) -> tuple[list[int], np.ndarray, list[str]]:
+    """Decode and classify ``members`` a chunk at a time; returns the indices that
+    worked, their probabilities, and one error line per file that did not."""
+    ok, parts, errors = [], [], []
+    with bar(total=len(members), desc=desc, unit="img") as progress:
+        for start in range(0, len(members), CHUNK):
+            chunk = members[start:start + CHUNK]
+            found, pixels, failed = decode_all(chunk, info["image_size"])
+            parts.append(inference.predict(model, info, pixels, batch_size=batch_size))
+            ok += [start + i for i in found]
+            errors += failed
+            progress.update(len(chunk))
+    probabilities = np.concatenate(parts) if parts else np.zeros((0, len(info["classes"])), np.float32)
+    return ok, probabilities, errors
+
+
+def check_output(out: Path, example: str) -> None:
+    """Refuse an unusable -o before any work, not after every image is decoded."""
+    if out.is_dir():
+        raise PipelineError(f"-o {out} is a folder; name a file in it, e.g. -o {out / example}")
+    folder = out.parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PipelineError(f"-o {out}: {folder} is not a folder; choose another -o")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PipelineError(f"-o {out}: cannot write into {folder} (permission denied, or a read-only file "
+                            f"system); choose another -o")
+
+
+def to_classify(members: list[archives.Member], out: Path, include_masks: bool) -> list[archives.Member]:
+    """``members`` less what is not an input: what the HAM10000 layout names as lesion
+    masks (unless asked for), metadata tables and checksum lists; hidden and system
+    files; the output of an earlier run into the same folder. One log line says what
+    was skipped."""
+    skipped = {"mask": 0, "table": 0, "hidden": 0, "earlier": 0}
+    kept = []
+    for member in members:
+        if not include_masks and archives.MASK_NAME.match(member.name):
+            skipped["mask"] += 1
+        elif Path(member.name).suffix.lower() in archives.TABLE_SUFFIXES or member.name == archives.CHECKSUM_FILE:
+            skipped["table"] += 1
+        elif member.name.startswith(".") or member.name.lower() in SYSTEM_FILES:
+            skipped["hidden"] += 1
+        elif member.path is not None and member.name == out.name and member.path.resolve() == out.resolve():
+            skipped["earlier"] += 1
+        else:
+            kept.append(member)
+    said = {"mask": "lesion mask(s) (*_segmentation.png; --include-masks classifies them too)",
+            "table": "table(s) or checksum list(s) (.csv, .tab, .tsv, SHA256SUMS)",
+            "hidden": "hidden or system file(s)", "earlier": f"earlier output(s) ({out})"}
+    if any(skipped.values()):
+        log.info("skipped %s", ", ".join(f"{count} {said[kind]}" for kind, count in skipped.items() if count))
+    return kept
+
+
+def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int, *,
+                  include_masks: bool = False) -> int:
+    check_output(out, "predictions.csv")
     model, info = modelfile.load(model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
-            members = collector.collect(inputs)
-            ok, pixels, errors = decode_all(members, info["image_size"])
+            members = to_classify(collector.collect(inputs), out, include_masks)
+            if not members:
+                raise PipelineError(f"no files to classify in {', '.join(map(str, inputs))}; give images, "
+                                    f"folders or zips of them")
+            log.info("classifying %d file(s)", len(members))
+            ok, probabilities, errors = classify(model, info, members, batch_size, "predict")
         finally:
             collector.close()
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="predict")
-    frame = pd.DataFrame({"file": [members[i].origin for i in ok],
-                          "image_id": [Path(members[i].name).stem for i in ok]})
+    frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
+                          "image_id": [printable(Path(members[i].name).stem) for i in ok]})
     for index, name in enumerate(info["classes"]):
         frame[f"p_{name}"] = probabilities[:, index].round(6)
     frame["predicted"] = [info["classes"][i] for i in probabilities.argmax(axis=1)] if len(ok) else []
     frame["confidence"] = probabilities.max(axis=1).round(6) if len(ok) else []
+    threshold = inference.scoring(info).get("mel_threshold")
+    if threshold is not None and "mel" in info["classes"]:  # the operating point chosen on validation
+        mel = probabilities[:, list(info["classes"]).index("mel")] if len(ok) else np.zeros(0)
+        frame["melanoma_flag"] = (mel >= threshold).astype(int)
     write_csv(out, frame)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -79,8 +155,30 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
     return 1 if errors else 0
 
 
+def read_labels(labels: Path) -> set[str]:
+    """The image_ids of the --labels CSV."""
+    fix = "give a CSV with an image_id column (e.g. data/split/test.csv)"
+    try:
+        wanted = pd.read_csv(labels, dtype=str)
+    except FileNotFoundError:
+        raise PipelineError(f"--labels {labels}: no such file; {fix}") from None
+    except IsADirectoryError:
+        raise PipelineError(f"--labels {labels} is a folder; {fix}") from None
+    except PermissionError:
+        raise PipelineError(f"--labels {labels}: cannot be read (permission denied); give this user read "
+                            f"access to it") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PipelineError(f"--labels {labels}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") \
+            from None
+    if "image_id" not in wanted:
+        raise PipelineError(f"--labels {labels}: no image_id column; {fix}")
+    return set(wanted["image_id"].dropna())
+
+
 def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, batch_size: int,
                  mel_specificity: float) -> int:
+    check_output(out, "metrics.json")
+    wanted = read_labels(labels) if labels is not None else None
     model, info = modelfile.load(model_path)
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
@@ -89,48 +187,83 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         try:
             found = assemble.index(collector, collector.collect([source]))
             frame = found.metadata
-            if labels is not None:
-                wanted = pd.read_csv(labels, dtype=str)
-                if "image_id" not in wanted:
-                    raise PipelineError(f"{labels}: no image_id column")
-                unknown = sorted(set(wanted["image_id"]) - set(frame["image_id"]))
+            if wanted is not None:
+                unknown = sorted(wanted - set(frame["image_id"]))
                 if unknown:
-                    raise PipelineError(f"{labels}: {len(unknown)} image_id(s) not in {source}: {unknown[:5]}")
-                frame = frame[frame["image_id"].isin(set(wanted["image_id"]))].reset_index(drop=True)
+                    raise PipelineError(f"--labels {labels}: {len(unknown)} image_id(s) not in {source}: "
+                                        f"{archives.names(unknown)}; give the labels of this source")
+                frame = frame[frame["image_id"].isin(wanted)].reset_index(drop=True)
             members = [found.images[image_id] for image_id in frame["image_id"]]
+            # a labelled set is scored whole: the intervals resample its lesions
             ok, pixels, errors = decode_all(members, info["image_size"])
         finally:
             collector.close()
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not ok:
+        raise PipelineError(f"none of the {len(members)} image(s) of {source} could be read; nothing to score")
     scored = frame.iloc[ok].reset_index(drop=True).assign(label=lambda f: f["dx"].map(CLASSES.index))
     settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
     evaluate.evaluate_split(model, info, scored, pixels, settings, metrics_path=out, plots_dir=None, progress="score")
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(ok), len(errors))
     return 1 if errors else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error (exit 2)."""
+
+    def error(self, message):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(cli.USAGE)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a number of images, e.g. 64")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1; e.g. 0.9")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="a model file written by the train stage (models/model.pt)")
     parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips (with --score: one source)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")
     parser.add_argument("--score", action="store_true", help="score on a labelled HAM10000-layout source")
     parser.add_argument("--labels", type=Path, help="with --score: only the image_ids of this CSV (e.g. data/split/test.csv)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--mel-specificity", type=float, default=0.9)
+    parser.add_argument("--include-masks", action="store_true",
+                        help="classify lesion masks (*_segmentation.png) too; they are skipped by default")
+    parser.add_argument("--batch-size", type=_count, default=128)
+    parser.add_argument("--mel-specificity", type=_fraction, default=0.9)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+
+    def work() -> int:
         if args.score:
             if len(args.inputs) != 1:
                 raise PipelineError("--score takes one source (a folder or zip in HAM10000 layout)")
+            if args.include_masks:
+                raise PipelineError("--include-masks applies to predictions, not to --score")
             return score_source(args.model, args.inputs[0], args.labels, args.out, args.batch_size,
                                 args.mel_specificity)
-        return predict_files(args.model, args.inputs, args.out, args.batch_size)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if args.labels is not None:
+            raise PipelineError("--labels applies only with --score")
+        return predict_files(args.model, args.inputs, args.out, args.batch_size, include_masks=args.include_masks)
+
+    return cli.guarded("", work, input_error=cli.USAGE)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared fixtures: synthetic HAM10000 copies, throwaway git+DVC projects, and a
-real HTTP server on 127.0.0.1."""
+"""Shared fixtures: synthetic HAM10000 copies, throwaway git+DVC projects, a real
+HTTP server on 127.0.0.1, and a small model with a tiny data set for the commands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +87,52 @@ def http_server():
     server = FileServer()
     yield server
     server.close()
+
+
+DROPPED = "-dac_override,-dac_read_search"
+
+
+def unprivileged(command: list) -> list:
+    """``command`` without root's power to read and write anything, so that file
+    permissions apply as they do to any user."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be tested")
+    return ["setpriv", f"--inh-caps={DROPPED}", f"--bounding-set={DROPPED}", *command]
+
+
+def run_command(command: list, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """``command`` run in ``cwd`` on this checkout's code, without progress bars."""
+    env = {**os.environ, "SKINLESION_PROGRESS": "0", "PYTHONPATH": str(PROJECT)}
+    return subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120, check=False, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory):
+    """A random-weight simple_cnn model file at 32 px, a seven-image HAM10000 copy
+    (loose files, with masks) and a copy of the project's pipeline reading it at 16 px."""
+    import torch
+
+    from skinlesion import CLASSES, modelfile
+    from skinlesion.training import models
+
+    root = tmp_path_factory.mktemp("kit")
+    torch.manual_seed(0)
+    head = {"hidden": 8, "dropout": 0}
+    model = models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head=head)
+    modelfile.save(root / "model.pt", model, architecture="simple_cnn", settings={}, head=head, classes=CLASSES,
+                   image_size=32, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, training={})
+    synthetic.make_dataset(root / "ham", lesions_per_class=1, max_images_per_lesion=1)
+    project = root / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = PROJECT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, project / name)
+    set_params(project, {"download.source": "local", "download.path": str(root / "ham"), "prepare.image_size": 16})
+    return SimpleNamespace(model=root / "model.pt", ham=root / "ham", project=project,
+                           image=root / "ham/HAM10000_images_part_1/ISIC_0024306.jpg")

@@ -156,8 +156,8 @@ def test_predict_command_reports_bad_files_and_keeps_going(model_file, synthetic
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2
-    assert any("images/broken.jpg: not a readable image" in e for e in errors)
-    assert any("images/notes.txt: not an image" in e for e in errors)
+    assert any("images/broken.jpg is not a readable image" in e for e in errors)
+    assert any("images/notes.txt is not an image" in e for e in errors)
     table = pd.read_csv(tmp_path / "out.csv")
     assert sorted(table.image_id) == sorted(p.stem for p in good)
     probabilities = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()

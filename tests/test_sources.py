@@ -74,7 +74,7 @@ def test_missing_image_is_named_and_nothing_is_written(synthetic_folder, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["source"]  # no temporary folders left either
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "not_an_image", "greyscale"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_an_image", "floating_point"])
 def test_undecodable_image_is_named(synthetic_folder, tmp_path, damage):
     source = copy_of(synthetic_folder, tmp_path)
     victim = sorted((source / "HAM10000_images_part_1").iterdir())[0]
@@ -89,10 +89,10 @@ def test_undecodable_image_is_named(synthetic_folder, tmp_path, damage):
         from PIL import Image
 
         buffer = io.BytesIO()
-        Image.open(victim).convert("L").save(buffer, "JPEG")
+        Image.open(victim).convert("F").save(buffer, "TIFF")
         victim.write_bytes(buffer.getvalue())
-    with pytest.raises(PipelineError, match=rf"{victim.name} (cannot be decoded|has mode L|is empty \(0 bytes\)|"
-                                            rf"is not an image format Pillow recognises)"):
+    with pytest.raises(PipelineError, match=rf"{victim.name} (is not a readable image|has mode F|is empty \(0 bytes\)|"
+                                            rf"is not an image \(no format Pillow recognises\))"):
         download(source, tmp_path)
     assert not (tmp_path / "raw").exists()
 
@@ -176,3 +176,41 @@ def test_implausibly_large_image_is_refused_without_decoding_it(synthetic_folder
     with pytest.raises(PipelineError, match=f"{victim.name} is implausibly large"):
         download(source, tmp_path)
     assert not (tmp_path / "raw").exists()
+
+
+def test_semicolon_separated_metadata_is_named_as_such(synthetic_folder, tmp_path):
+    source = copy_of(synthetic_folder, tmp_path)
+    path = source / "HAM10000_metadata.csv"
+    pd.read_csv(path).to_csv(path, sep=";", index=False)
+    with pytest.raises(PipelineError, match="HAM10000_metadata.csv: looks ';'-separated .* save it as comma-separated"):
+        download(source, tmp_path)
+
+
+def test_an_image_under_another_extension_is_named_with_it(synthetic_folder, tmp_path):
+    from PIL import Image
+
+    source = copy_of(synthetic_folder, tmp_path)
+    victim = sorted((source / "HAM10000_images_part_1").iterdir())[0]
+    Image.open(victim).save(victim.with_suffix(".png"))
+    victim.unlink()
+    with pytest.raises(PipelineError, match=rf"missing: {victim.stem}; 1 of them are there under another extension "
+                                            rf"\(source/HAM10000_images_part_1/{victim.stem}.png\).*convert"):
+        download(source, tmp_path)
+
+
+def test_links_in_a_local_source_are_followed_and_a_loop_ends(synthetic_folder, tmp_path):
+    source = copy_of(synthetic_folder, tmp_path)
+    shutil.move(source / "HAM10000_images_part_2", tmp_path / "elsewhere")
+    (source / "HAM10000_images_part_2").symlink_to(tmp_path / "elsewhere")
+    (source / "loop").symlink_to(source)
+    record = download(source, tmp_path)
+    assert record["images"] == len(pd.read_csv(source / "HAM10000_metadata.csv"))
+
+
+def test_a_broken_link_to_an_image_is_named(synthetic_folder, tmp_path):
+    source = copy_of(synthetic_folder, tmp_path)
+    victim = sorted((source / "HAM10000_images_part_1").iterdir())[0]
+    victim.unlink()
+    victim.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(PipelineError, match=f"{victim.name} cannot be read: no such file \\(a broken link"):
+        download(source, tmp_path)

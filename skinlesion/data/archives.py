@@ -3,16 +3,15 @@ without unpacking anything that could escape its folder or blow up the disk."""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
-
-from PIL import Image, UnidentifiedImageError
 
 from skinlesion import PipelineError
 
@@ -58,6 +57,32 @@ def check_member_name(archive: str, name: str) -> None:
         )
 
 
+def files_under(folder: Path) -> list[Path]:
+    """The files under ``folder``, sorted. Links to files and to folders are followed
+    (each real folder is read once, so a link loop ends); broken links are listed, so
+    that reading them says so; pipes and devices are not (reading one could block).
+    A folder that cannot be listed is an error, not silently skipped."""
+
+    def unreadable(error: OSError) -> None:
+        reason = "permission denied; give this user read access to it" if isinstance(error, PermissionError) \
+            else (error.strerror or str(error))
+        raise PipelineError(f"{error.filename}: cannot list this folder ({reason})")
+
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        for name in files:
+            path = Path(root, name)
+            if path.is_file() or (path.is_symlink() and not path.exists()):
+                found.append(path)
+    return sorted(found)
+
+
 class Collector:
     """Lists the members of a source, descending into zips (and zips in zips).
 
@@ -80,10 +105,14 @@ class Collector:
         for path in paths:
             path = Path(path)
             if path.is_dir():
-                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                for file in files_under(path):
                     members.extend(self._file(file, str(file.relative_to(path.parent))))
             elif path.is_file():
                 members.extend(self._file(path, path.name))
+            elif path.is_symlink():
+                raise PipelineError(f"{path} is a broken link (to {os.readlink(path)}, which does not exist)")
+            elif path.exists():
+                raise PipelineError(f"{path} is neither a file nor a folder (a device or a pipe?)")
             else:
                 raise PipelineError(f"{path}: no such file or folder")
         return members
@@ -91,7 +120,11 @@ class Collector:
     def _file(self, path: Path, origin: str) -> list[Member]:
         if path.suffix.lower() == ".zip":
             return self._zip(path, origin)
-        return [Member(origin, path.name, path.stat().st_size, lambda p=path: open(p, "rb"), path)]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # a broken link: listed, so that reading it reports it
+            size = 0
+        return [Member(origin, path.name, size, lambda p=path: open(p, "rb"), path)]
 
     def _zip(self, path: Path, origin: str) -> list[Member]:
         try:
@@ -129,22 +162,9 @@ class Collector:
         if member.path is not None:
             return member.path
         target = Path(tempfile.mkdtemp(dir=self.scratch)) / member.name
-        target.write_bytes(member.read())
+        try:
+            target.write_bytes(member.read())
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise PipelineError(f"{member.origin} cannot be read from its zip ({error}); the archive is damaged: "
+                                f"copy it again") from None
         return target
-
-
-def check_image(data: bytes, *, rgb: bool) -> str | None:
-    """Why ``data`` is not a usable image, or None when it decodes completely."""
-    try:
-        with Image.open(BytesIO(data)) as image:
-            image.load()
-            if rgb and image.mode != "RGB":
-                return f"has mode {image.mode}, expected an RGB colour image"
-    except Image.DecompressionBombError as error:
-        return f"is implausibly large ({error})"
-    except UnidentifiedImageError:
-        return "is empty (0 bytes)" if not data else "is not an image format Pillow recognises"
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"cannot be decoded ({error})"
-    return None
-

@@ -13,27 +13,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from skinlesion import CLASSES, PipelineError
+from skinlesion.data import images as decoding
 from skinlesion.data import metadata
-from skinlesion.data.archives import (
-    CHECKSUM_FILE,
-    IMAGE_NAME,
-    MASK_NAME,
-    SHOWN,
-    TABLE_SUFFIXES,
-    Collector,
-    Member,
-    check_image,
-    names,
-)
+from skinlesion.data.archives import CHECKSUM_FILE, IMAGE_NAME, MASK_NAME, SHOWN, TABLE_SUFFIXES, Collector, Member, names
 from skinlesion.files import write_json
-from skinlesion.progress import bar
+from skinlesion.progress import bar, threads
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +98,8 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
         bucket[key] = member
 
     if metadata_frame is None:
-        candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t))]
+        candidates = [t for t in tables
+                      if metadata.header_looks_like_metadata(collector.materialize(t), name=t.origin)]
         if not candidates:
             named = [t for t in tables if "metadata" in t.name.lower()]
             if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
@@ -129,8 +120,12 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
     listed = set(metadata_frame["image_id"])
     missing = sorted(listed - images.keys())
     if missing:
+        absent = set(missing)
+        elsewhere = sorted(origin for origin in others if Path(origin.split(":")[-1]).stem in absent)
+        hint = (f"; {len(elsewhere)} of them are there under another extension ({names(elsewhere)}), but a "
+                f"HAM10000 source holds its images as .jpg/.jpeg: convert those to JPEG") if elsewhere else ""
         raise PipelineError(
-            f"{len(missing)} image(s) listed in {metadata_origin} are missing: {names(missing)}"
+            f"{len(missing)} image(s) listed in {metadata_origin} are missing: {names(missing)}{hint}"
         )
     return Indexed(metadata_frame, metadata_origin, images, masks, sorted(others),
                    sorted(images[key].origin for key in images.keys() - listed),
@@ -148,26 +143,30 @@ def _assemble(collector, members, out, source_info, metadata_frame, used) -> dic
     ids = list(metadata_frame["image_id"])
 
     def copy(image_id: str) -> list[str]:
+        # Checked by the decoding that prepare and the prediction command use, so a file
+        # kept here is one they read, with the same pixels.
         problems = []
-        data = images[image_id].read()
-        if reason := check_image(data, rgb=True):
-            problems.append(f"{images[image_id].origin} {reason}")
-        else:
-            (out / "images" / f"{image_id}.jpg").write_bytes(data)
-        if image_id in masks:
-            mask = masks[image_id].read()
-            if reason := check_image(mask, rgb=False):
-                problems.append(f"{masks[image_id].origin} {reason}")
+        for member, target, check in ((images[image_id], out / "images" / f"{image_id}.jpg", decoding.problem),
+                                      (masks.get(image_id), out / "masks" / f"{image_id}.png", decoding.mask_problem)):
+            if member is None:
+                continue
+            try:
+                data = decoding.read(member)
+            except decoding.Unusable as error:
+                problems.append(f"{member.origin} {error}")
+                continue
+            if reason := check(data):
+                problems.append(f"{member.origin} {reason}")
             else:
-                (out / "masks" / f"{image_id}.png").write_bytes(mask)
+                target.write_bytes(data)
         return problems
 
     workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    with threads(workers) as pool:
         results = list(bar(pool.map(copy, ids), total=len(ids), desc="validate images", unit="img"))
     problems = [problem for result in results for problem in result]
     if problems:
-        raise PipelineError(f"{len(problems)} unreadable file(s): {'; '.join(problems[:SHOWN])}"
+        raise PipelineError(f"{len(problems)} unusable file(s): {'; '.join(problems[:SHOWN])}"
                             + (f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""))
 
     metadata.write(out / "metadata.csv", metadata_frame)

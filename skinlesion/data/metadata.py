@@ -74,6 +74,12 @@ def read(path: str | Path, name: str | None = None) -> pd.DataFrame:
     path = Path(path)
     name = name or str(path)
     separator = "\t" if path.suffix.lower() in {".tab", ".tsv"} else ","
+    header = _header(path, name)
+    if separator == "," and ";" in header and "," not in header:
+        raise PipelineError(
+            f"{name}: looks ';'-separated (as spreadsheet programs save CSV where the decimal mark is a "
+            f"comma); save it as comma-separated CSV (e.g. Excel's 'CSV UTF-8 (Comma delimited)')"
+        )
     try:
         frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -81,14 +87,19 @@ def read(path: str | Path, name: str | None = None) -> pd.DataFrame:
     return validate(frame, name)
 
 
-def header_looks_like_metadata(path: Path) -> bool:
-    """Whether a CSV/TSV's first line names the columns that identify HAM10000 metadata."""
+def _header(path: Path, name: str | None = None) -> str:
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as handle:
-            header = handle.readline()
-    except OSError:
-        return False
-    names = {part.strip().strip('"') for part in re.split(r"[,\t]", header)}
+            return handle.readline()
+    except PermissionError:
+        raise PipelineError(f"{name or path}: cannot be read (permission denied); give this user read access "
+                            f"to it") from None
+
+
+def header_looks_like_metadata(path: Path, name: str | None = None) -> bool:
+    """Whether a CSV/TSV's first line names the columns that identify HAM10000 metadata
+    (';'-separated too, so that read() can say what is wrong with such a file)."""
+    names = {part.strip().strip('"') for part in re.split(r"[,;\t]", _header(path, name))}
     return {"lesion_id", "image_id", "dx"} <= names
 
 

@@ -1,5 +1,6 @@
 """Decode and resize every image once, to the working resolution.
 
+Images are decoded by ``skinlesion.data.images`` (the one policy for every path).
 Training reads ``images.npy`` (uint8, N x S x S x 3, memory-mapped) instead of
 decoding JPEGs every epoch; decoding a 600x450 JPEG costs more than a small
 model's forward pass on CPU. Masks go to ``masks.npy`` (0/1) for the explain stage.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +18,15 @@ from PIL import Image
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import metadata
-from skinlesion.files import atomic_dir, write_csv
-from skinlesion.progress import bar
+from skinlesion.data.images import Unusable, load_image, read
+from skinlesion.files import atomic_dir, reserve, write_csv
+from skinlesion.progress import bar, threads
 
 log = logging.getLogger(__name__)
 
 
-def load_image(source, size: int) -> np.ndarray:
-    """An RGB image (a path or a binary file object) as uint8 ``size x size x 3``
-    (squashed, not cropped, so nothing at the lesion's edge is lost; HAM10000's 4:3
-    frames become square). Every consumer decodes through here, so the prediction
-    commands see exactly the pixels the pipeline trained and evaluated on."""
-    with Image.open(source) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
-        return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
-
-
 def load_mask(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as mask:
+    with Image.open(BytesIO(read(path))) as mask:
         grey = mask.convert("L").resize((size, size), Image.Resampling.BILINEAR)
     return (np.asarray(grey) >= 128).astype(np.uint8)
 
@@ -47,17 +39,29 @@ def prepare(raw: Path, out: Path, size) -> dict:
         images = np.lib.format.open_memmap(building / "images.npy", "w+", np.uint8, (count, size, size, 3))
         masks = np.lib.format.open_memmap(building / "masks.npy", "w+", np.uint8, (count, size, size))
         has_mask = np.zeros(count, dtype=bool)
+        # Claimed now: a disk that fills up while the memory maps are written would
+        # kill the process (SIGBUS) instead of raising an error that can be reported.
+        reserve(building / "images.npy")
+        reserve(building / "masks.npy")
 
         def decode(image_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+            image_path, mask_path = raw / "images" / f"{image_id}.jpg", raw / "masks" / f"{image_id}.png"
             try:
-                mask_path = raw / "masks" / f"{image_id}.png"
-                return (load_image(raw / "images" / f"{image_id}.jpg", size),
-                        load_mask(mask_path, size) if mask_path.exists() else None)
+                image = load_image(image_path, size)
+            except Unusable as error:
+                raise PipelineError(f"{image_path} {error}") from None
+            if not mask_path.exists():
+                return image, None
+            try:
+                return image, load_mask(mask_path, size)
+            except Unusable as error:
+                raise PipelineError(f"{mask_path} {error}") from None
             except (OSError, ValueError) as error:
-                raise PipelineError(f"{raw / 'images' / image_id}.jpg: {error}") from None
+                raise PipelineError(f"{mask_path} is not a readable image ({error}); rerun `dvc repro download`") \
+                    from None
 
         # Threads decode (PIL releases the GIL); this thread alone writes the arrays.
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with threads(os.cpu_count() or 1) as pool:
             decoded = pool.map(decode, frame["image_id"])
             for row, (image, mask) in enumerate(bar(decoded, total=count, desc=f"resize to {size}px", unit="img")):
                 images[row] = image
