@@ -28,7 +28,7 @@ def project(synthetic_zips, tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in models.ARCHITECTURES if n != "simple_cnn"])
 def test_exp_run_each_model_reruns_only_train_and_what_follows(project, name):
     result = run(["dvc", "exp", "run", "-n", f"try-{name}", "-S", f"model={name}"], project)
-    assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["train", "calibrate", "evaluate", "explain"]
+    assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["train", "calibrate", "export", "evaluate", "explain"]
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
     changed = diff["metrics/train/metrics.json"]

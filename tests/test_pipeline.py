@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import make_project, run, set_params
 
-STAGES = ["download", "prepare", "split", "balance", "train", "calibrate", "evaluate", "explain"]
+STAGES = ["download", "prepare", "split", "balance", "train", "calibrate", "export", "evaluate", "explain"]
 
 
 def ran(output: str) -> list[str]:
@@ -52,11 +52,11 @@ def test_balance_param_reruns_balance_and_train_only(project):
     status = run(["dvc", "status", "--json"], project).stdout
     assert set(json.loads(status)) == {"balance"}
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["balance", "train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["balance", "train", "calibrate", "export", "evaluate", "explain"]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
     assert changed == {"data/balanced", "metrics/balance.json", "plots/balance/augmented_montage.png",
-                       "models/trained.pt", "models/model.pt", "metrics/calibrate.json", "metrics/train", "plots/evaluate", "metrics/evaluate.json",
+                       "models/trained.pt", "models/model.pt", "models/model.onnx", "metrics/calibrate.json", "metrics/train", "plots/evaluate", "metrics/evaluate.json",
                        "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "metrics/balance.json").read_text())["images"] == 63
 
@@ -81,7 +81,7 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
-    assert ran(result.stdout) == ["prepare", "balance", "train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["prepare", "balance", "train", "calibrate", "export", "evaluate", "explain"]
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "image_size" in shown
     # `exp run` leaves its result in the workspace; put the committed state back.
@@ -92,7 +92,7 @@ def test_experiment_on_working_size_skips_download_and_split(project):
 def test_split_param_reruns_split_and_what_follows(project):
     set_params(project, {"split.seed": 7})
     try:
-        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", "calibrate", "evaluate", "explain"]
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", "calibrate", "export", "evaluate", "explain"]
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)
@@ -101,7 +101,7 @@ def test_split_param_reruns_split_and_what_follows(project):
 @pytest.mark.parametrize("param, value, stages", [
     ("explain.per_class", 2, ["explain"]), ("explain.method", "gradcam++", ["explain"]),
     ("evaluate.mel_specificity", 0.8, ["evaluate"]),
-    ("calibrate.tta", "flips", ["calibrate", "evaluate", "explain"]),
+    ("calibrate.tta", "flips", ["calibrate", "export", "evaluate", "explain"]),
 ])
 def test_scoring_params_rerun_only_their_stage_and_what_follows(project, param, value, stages):
     set_params(project, {param: value})
@@ -125,7 +125,7 @@ def test_metrics_and_plots_diff_show_an_experiment_against_the_baseline(project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)
     result = run(["dvc", "exp", "run", "-S", "train.lr=0.02", "-S", "train.epochs=2"], project)
-    assert ran(result.stdout) == ["train", "calibrate", "evaluate", "explain"]
+    assert ran(result.stdout) == ["train", "calibrate", "export", "evaluate", "explain"]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
     assert {"metrics/train/metrics.json", "metrics/evaluate.json"} <= set(diff)
     assert diff["metrics/train/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
