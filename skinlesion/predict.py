@@ -3,8 +3,9 @@
     python -m skinlesion.predict MODEL INPUT [INPUT ...] -o predictions.csv
     python -m skinlesion.predict --score MODEL SOURCE [--labels CSV] -o metrics.json
 
-INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
-folder or zip in HAM10000 layout. A file that is not a readable image gets one
+MODEL is a model file (models/model.pt) or its ONNX export (models/model.onnx,
+run on ONNX Runtime with the same views and scoring). INPUT is an image, a folder
+or a zip (zips inside are read too). SOURCE is any folder or zip in HAM10000 layout. A file that is not a readable image gets one
 line on stderr and the rest are still processed; the exit code is 1 if any file
 failed, 2 for a usage or input error.
 """
@@ -17,6 +18,7 @@ import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -56,8 +58,20 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
     return ok, pixels, errors
 
 
-def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int) -> int:
+def load_predictor(model_path: Path):
+    """``predict(pixels, batch_size=, progress=)`` giving scored probabilities, and the
+    model's description, for a model file or (a name ending in .onnx) its ONNX export."""
+    if model_path.suffix.lower() == ".onnx":
+        from skinlesion.deployment import runtime  # ONNX Runtime is loaded only for an ONNX file
+
+        session, info = runtime.load(model_path)
+        return partial(runtime.predict, session, info), info
     model, info = modelfile.load(model_path)
+    return partial(inference.predict, model, info), info
+
+
+def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int) -> int:
+    predict, info = load_predictor(model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
@@ -65,7 +79,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
             ok, pixels, errors = decode_all(members, info["image_size"])
         finally:
             collector.close()
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="predict")
+    probabilities = predict(pixels, batch_size=batch_size, progress="predict")
     frame = pd.DataFrame({"file": [members[i].origin for i in ok],
                           "image_id": [Path(members[i].name).stem for i in ok]})
     for index, name in enumerate(info["classes"]):
@@ -81,7 +95,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
 
 def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, batch_size: int,
                  mel_specificity: float) -> int:
-    model, info = modelfile.load(model_path)
+    predict, info = load_predictor(model_path)
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
     with tempfile.TemporaryDirectory() as scratch:
@@ -102,7 +116,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         finally:
             collector.close()
     truth = frame["dx"].map(CLASSES.index).to_numpy()[ok]
-    probabilities = inference.predict(model, info, pixels, batch_size=batch_size, progress="score")
+    probabilities = predict(pixels, batch_size=batch_size, progress="score")
     write_json(out, metrics.evaluate(truth, probabilities, mel_specificity=mel_specificity))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -112,7 +126,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="a model file written by the train stage (models/model.pt)")
+    parser.add_argument("model", type=Path, help="a model file (models/model.pt) or its ONNX export (models/model.onnx)")
     parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips (with --score: one source)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")
     parser.add_argument("--score", action="store_true", help="score on a labelled HAM10000-layout source")

@@ -1,10 +1,15 @@
 """The ONNX export: every architecture gives PyTorch's logits on ONNX Runtime, for any
-batch size; the file carries the model's description and scoring."""
+batch size; the file carries the model's description and scoring; the export stage
+and the prediction command use it like models/model.pt."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ from skinlesion import CLASSES, PipelineError
 from skinlesion.deployment import export, runtime
 from skinlesion.evaluation import inference
 from skinlesion.training import models
+from tests.conftest import make_project, run
 
 HEAD = {"hidden": 16, "dropout": 0.1}
 SMALL = {"fixcaps": {"channels": 16, "kernel": 9, "primary_types": 4},
@@ -118,3 +124,27 @@ def test_foreign_and_missing_files_are_one_line_errors(tmp_path):
               tmp_path / "bare.onnx")
     with pytest.raises(PipelineError, match="bare.onnx: not a skinlesion-onnx/1 file"):
         runtime.load(tmp_path / "bare.onnx")
+
+
+@pytest.mark.slow
+def test_export_stage_and_prediction_on_the_onnx_file(synthetic_zips, tmp_path):
+    project = make_project(tmp_path / "project", synthetic_zips, {"calibrate.tta": "flips"})
+    result = run(["dvc", "repro", "export"], project)
+    assert "Running stage 'export'" in result.stdout and "Running stage 'evaluate'" not in result.stdout
+    assert "largest logit difference from PyTorch" in result.stderr
+    session, info = runtime.load(project / "models/model.onnx")
+    assert info["classes"] == list(CLASSES) and info["image_size"] == 32
+    assert info["scoring"]["tta"] == "flips" and "mel_threshold" in info["scoring"]
+    tables = {}
+    for name in ("model.pt", "model.onnx"):
+        out = tmp_path / f"{name}.csv"
+        predicted = subprocess.run([sys.executable, "-m", "skinlesion.predict", f"models/{name}",
+                                    str(synthetic_zips / "HAM10000_images.zip"),
+                                    "-o", str(out)], cwd=project, capture_output=True, text=True)
+        assert predicted.returncode == 0, predicted.stderr
+        tables[name] = pd.read_csv(out)
+    assert len(tables["model.pt"]) > 0
+    assert tables["model.onnx"]["predicted"].tolist() == tables["model.pt"]["predicted"].tolist()
+    columns = [f"p_{name}" for name in CLASSES]
+    np.testing.assert_allclose(tables["model.onnx"][columns], tables["model.pt"][columns], atol=1e-4)
+    assert run(["dvc", "status", "export"], project).stdout.strip().endswith("up to date.")
