@@ -117,7 +117,8 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
             collector.close()
     truth = frame["dx"].map(CLASSES.index).to_numpy()[ok]
     probabilities = predict(pixels, batch_size=batch_size, progress="score")
-    write_json(out, metrics.evaluate(truth, probabilities, mel_specificity=mel_specificity))
+    write_json(out, metrics.evaluate(truth, probabilities, mel_specificity=mel_specificity,
+                                     mel_threshold=(info.get("scoring") or {}).get("mel_threshold")))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(ok), len(errors))
