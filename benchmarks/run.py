@@ -13,6 +13,9 @@ Figures:
   data/raw (what every epoch would cost without the prepare stage).
 - inference: images/s of the prediction path (skinlesion.inference.predict on
   uint8 images) against the model's forward pass alone.
+- onnx: images/s of the ONNX export on ONNX Runtime against the same graph in
+  PyTorch (uint8 batch in, logits out, normalisation included), both on the CPU
+  with the same number of threads, whatever --device says.
 - pipeline: wall time and peak memory of each stage in a full `dvc repro` of a
   fresh copy of this repository, a no-op `dvc repro`, and which stage one param of
   each stage invalidates (`dvc repro --dry`; it cannot know whether outputs will
@@ -43,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from skinlesion import CLASSES, synthetic  # noqa: E402
 from skinlesion.data.prepare import load_image  # noqa: E402
+from skinlesion.deployment import export, runtime  # noqa: E402
 from skinlesion.evaluation import inference  # noqa: E402
 from skinlesion.params import set_values as set_params  # noqa: E402
 from skinlesion.training import models  # noqa: E402
@@ -136,6 +140,34 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
             "predict_ratio": round(predict_rate / forward_only, 3)}
 
 
+def bench_onnx(name: str, size: int, batch: int, steps: int) -> dict:
+    """ONNX Runtime against PyTorch on the CPU, one uint8 batch to logits."""
+    torch.manual_seed(0)
+    model = models.channels_last(models.build(name, num_classes=len(CLASSES), image_size=size, settings={},
+                                              head=HEAD)).eval()
+    info = {"architecture": name, "classes": list(CLASSES), "image_size": size, "mean": list(models.IMAGENET_MEAN),
+            "std": list(models.IMAGENET_STD)}
+    threads = torch.get_num_threads()
+    session, _ = runtime.load(export.to_onnx(model, info), threads=threads)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    wrapper = export.Normalised(model, info["mean"], info["std"]).eval()
+    tensor = torch.from_numpy(pixels)
+
+    def pytorch_rate():
+        with torch.no_grad():
+            return batch / timed(lambda: wrapper(tensor), 2, steps, lambda: None)
+
+    def onnx_rate():
+        return batch / timed(lambda: session.run([runtime.OUTPUT], {runtime.INPUT: pixels}), 2, steps, lambda: None)
+
+    # Each timed twice, alternating, the faster kept: neither pays for the other's warm-up.
+    pytorch, onnx = pytorch_rate(), onnx_rate()
+    pytorch, onnx = max(pytorch, pytorch_rate()), max(onnx, onnx_rate())
+    return {"model": name, "image_size": size, "batch": batch, "threads": threads,
+            "pytorch_cpu_images_per_s": round(pytorch, 1), "onnx_cpu_images_per_s": round(onnx, 1),
+            "onnx_ratio": round(onnx / pytorch, 3)}
+
+
 def bench_decode(raw: Path, size: int, limit: int = 400) -> float:
     files = sorted((raw / "images").glob("*.jpg"))[:limit]
     start = time.perf_counter()
@@ -186,6 +218,12 @@ def markdown(result: dict) -> str:
                      f"{row['train_images_per_s']} | "
                      f"{row['train_model_only_images_per_s']} | {row['train_ratio']} | {row['loader_images_per_s']} | "
                      f"{row['predict_images_per_s']} | {row['forward_only_images_per_s']} | {row['predict_ratio']} |")
+    if result.get("onnx"):
+        lines += ["", "| model | px | batch | CPU threads | PyTorch img/s | ONNX Runtime img/s | ratio |",
+                  "|" + "---|" * 7]
+        lines += [f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['threads']} | "
+                  f"{row['pytorch_cpu_images_per_s']} | {row['onnx_cpu_images_per_s']} | {row['onnx_ratio']} |"
+                  for row in result["onnx"]]
     if "decode_jpeg_images_per_s" in result:
         lines.append(f"\nDecoding + resizing JPEGs from data/raw: {result['decode_jpeg_images_per_s']} img/s "
                      f"(the prepared array is what the loader reads instead).")
@@ -215,6 +253,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="training epochs in the pipeline run")
     parser.add_argument("--pipeline-model", default="simple_cnn", help="the model trained in the pipeline run")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime against PyTorch comparison")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     os.environ["SKINLESION_PROGRESS"] = "0"
@@ -225,6 +264,8 @@ def main() -> None:
     result["models"] = [bench_model(name, args.size, args.batch, device, args.steps, precision, args.augment, compiled)
                         for name in args.models for precision in dict.fromkeys(args.precision)
                         for compiled in ([False, True] if args.compile else [False])]
+    if not args.skip_onnx:
+        result["onnx"] = [bench_onnx(name, args.size, args.batch, args.steps) for name in args.models]
     if not args.skip_pipeline:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)

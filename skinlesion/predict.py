@@ -3,7 +3,8 @@
     python -m skinlesion.predict MODEL INPUT [INPUT ...] -o predictions.csv
     python -m skinlesion.predict --score MODEL SOURCE [--labels CSV] -o metrics.json
 
-INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
+MODEL is a model file (models/model.pt) or its ONNX export (models/model.onnx, run on
+ONNX Runtime with the same views and scoring). INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
 folder or zip in HAM10000 layout. What that layout names as lesion masks
 (``*_segmentation.png``), metadata tables (``.csv``) and checksum lists, hidden and
 system files (``.DS_Store``, ``Thumbs.db``) and an earlier output are skipped, with one
@@ -21,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import pandas as pd
 from skinlesion import CLASSES, PipelineError, cli, modelfile, params
 from skinlesion.data import archives, assemble
 from skinlesion.data.images import Unusable, load_image
-from skinlesion.evaluation import evaluate, inference
+from skinlesion.evaluation import calibrate, evaluate, inference
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
 
@@ -66,7 +68,7 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
     return ok, pixels, errors
 
 
-def classify(model, info: dict, members: list[archives.Member], batch_size: int,
+def classify(logits_of, info: dict, members: list[archives.Member], batch_size: int,
              desc: str) -> tuple[list[int], np.ndarray, list[str]]:
     """Decode and classify ``members`` a chunk at a time; returns the indices that
     worked, their probabilities, and one error line per file that did not."""
@@ -75,12 +77,26 @@ def classify(model, info: dict, members: list[archives.Member], batch_size: int,
         for start in range(0, len(members), CHUNK):
             chunk = members[start:start + CHUNK]
             found, pixels, failed = decode_all(chunk, info["image_size"])
-            parts.append(inference.predict(model, info, pixels, batch_size=batch_size))
+            how = inference.scoring(info)
+            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size),
+                                                 how).astype(np.float32))
             ok += [start + i for i in found]
             errors += failed
             progress.update(len(chunk))
     probabilities = np.concatenate(parts) if parts else np.zeros((0, len(info["classes"])), np.float32)
     return ok, probabilities, errors
+
+
+def load_predictor(model_path: Path):
+    """``view_logits(pixels, tta=, batch_size=, progress=)`` and the model's description,
+    for a model file or (a name ending in .onnx) its ONNX export."""
+    if model_path.suffix.lower() == ".onnx":
+        from skinlesion.deployment import runtime  # ONNX Runtime is loaded only for an ONNX file
+
+        session, info = runtime.load(model_path)
+        return partial(runtime.view_logits, session, info), info
+    model, info = modelfile.load(model_path)
+    return partial(inference.view_logits, model, info), info
 
 
 def check_output(out: Path, example: str) -> None:
@@ -126,7 +142,7 @@ def to_classify(members: list[archives.Member], out: Path, include_masks: bool) 
 def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int, *,
                   include_masks: bool = False) -> int:
     check_output(out, "predictions.csv")
-    model, info = modelfile.load(model_path)
+    logits_of, info = load_predictor(model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
@@ -135,7 +151,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
                 raise PipelineError(f"no files to classify in {', '.join(map(str, inputs))}; give images, "
                                     f"folders or zips of them")
             log.info("classifying %d file(s)", len(members))
-            ok, probabilities, errors = classify(model, info, members, batch_size, "predict")
+            ok, probabilities, errors = classify(logits_of, info, members, batch_size, "predict")
         finally:
             collector.close()
     frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
@@ -179,7 +195,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
                  mel_specificity: float) -> int:
     check_output(out, "metrics.json")
     wanted = read_labels(labels) if labels is not None else None
-    model, info = modelfile.load(model_path)
+    logits_of, info = load_predictor(model_path)
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
     with tempfile.TemporaryDirectory() as scratch:
@@ -204,7 +220,8 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         raise PipelineError(f"none of the {len(members)} image(s) of {source} could be read; nothing to score")
     scored = frame.iloc[ok].reset_index(drop=True).assign(label=lambda f: f["dx"].map(CLASSES.index))
     settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
-    evaluate.evaluate_split(model, info, scored, pixels, settings, metrics_path=out, plots_dir=None, progress="score")
+    evaluate.evaluate_split(logits_of, info, scored, pixels, settings, metrics_path=out, plots_dir=None,
+                            progress="score")
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(ok), len(errors))
     return 1 if errors else 0
 
@@ -239,7 +256,7 @@ def _fraction(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="a model file written by the train stage (models/model.pt)")
+    parser.add_argument("model", type=Path, help="a model file (models/model.pt) or its ONNX export (models/model.onnx)")
     parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips (with --score: one source)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")
     parser.add_argument("--score", action="store_true", help="score on a labelled HAM10000-layout source")

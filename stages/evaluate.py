@@ -2,6 +2,7 @@
 lesion-bootstrap intervals (skinlesion.evaluation.evaluate)."""
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pandas as pd
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
-from skinlesion.evaluation import evaluate
+from skinlesion.evaluation import evaluate, inference
 
 
 def main(params):
@@ -18,8 +19,9 @@ def main(params):
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
-    result = evaluate.evaluate_split(model, info, test, images, settings, metrics_path=Path("metrics/evaluate.json"),
-                                     plots_dir=Path("plots/evaluate"), progress="evaluate")
+    result = evaluate.evaluate_split(partial(inference.view_logits, model, info), info, test, images, settings,
+                                     metrics_path=Path("metrics/evaluate.json"), plots_dir=Path("plots/evaluate"),
+                                     progress="evaluate")
     ci = result["ci95"]
     logging.info("test (%d images, %d lesions; 95%% lesion-bootstrap intervals): balanced accuracy %.3f [%.3f, %.3f], "
                  "accuracy %.3f [%.3f, %.3f], macro F1 %.3f, macro ROC AUC %.3f [%.3f, %.3f]", result["images"],

@@ -14,7 +14,7 @@ from tests.conftest import make_project, run, set_params
 
 pytestmark = pytest.mark.slow  # real git+DVC projects and processes
 
-AFTER_TRAIN = ["calibrate", "evaluate", "external", "card", "explain"]
+AFTER_TRAIN = ["calibrate", "export", "evaluate", "external", "card", "explain"]
 STAGES = ["download", "prepare", "split", "balance", "train", *AFTER_TRAIN]
 
 
@@ -108,7 +108,7 @@ def test_split_param_reruns_split_and_what_follows(project):
 @pytest.mark.parametrize("param, value, stages", [
     ("explain.per_class", 2, ["explain"]), ("explain.method", "gradcam++", ["explain"]),
     ("evaluate.mel_specificity", 0.8, ["evaluate", "external"]),
-    ("calibrate.tta", "flips", ["calibrate", "evaluate", "external", "card", "explain"]),
+    ("calibrate.tta", "flips", ["calibrate", "export", "evaluate", "external", "card", "explain"]),
 ])
 def test_scoring_params_rerun_only_their_stage_and_what_follows(project, param, value, stages):
     set_params(project, {param: value})

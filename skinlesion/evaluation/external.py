@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import archives, assemble
-from skinlesion.evaluation import evaluate
+from skinlesion.evaluation import evaluate, inference
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -61,6 +62,7 @@ def score_sources(model, info: dict, sources: list[dict], settings: dict, out: P
         if not len(frame):
             raise PipelineError(f"external source {source['name']} ({source['path']}): no readable image")
         results[source["name"]] = evaluate.evaluate_split(
-            model, info, frame, pixels, settings, metrics_path=out / f"{source['name']}.json",
-            plots_dir=out / source["name"], progress=f"external {source['name']}")
+            partial(inference.view_logits, model, info), info, frame, pixels, settings,
+            metrics_path=out / f"{source['name']}.json", plots_dir=out / source["name"],
+            progress=f"external {source['name']}")
     return results

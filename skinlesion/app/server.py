@@ -1,0 +1,176 @@
+"""The page's server: one model, loaded once, answering one image per request.
+
+Every request is handled inside its own ``try``: a file that is not an image gets the
+prediction command's one-line message, anything unexpected a JSON error, and the
+server goes on. The model is used by one request at a time (Grad-CAM hooks and
+gradients live on the shared model).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import threading
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from io import BytesIO
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import torch
+from PIL import Image
+
+from skinlesion import modelfile, plots
+from skinlesion.data import archives
+from skinlesion.evaluation import explain, inference
+from skinlesion.predict import decode_all
+
+log = logging.getLogger("skinlesion.app")
+MAX_UPLOAD = 20 * 2**20  # bytes per request (one image); HAM10000's JPEGs are about 0.3 MB
+NOTICE = "Research tool, not a diagnosis."
+
+
+def png_data_url(pixels: np.ndarray) -> str:
+    buffer = BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class Analyst:
+    """The model file and what the page shows for one uploaded file."""
+
+    def __init__(self, model_path: Path):
+        self.model, self.info = modelfile.load(model_path)
+        self.scoring = inference.scoring(self.info)
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        return {"architecture": self.info["architecture"], "classes": list(self.info["classes"]),
+                "image_size": self.info["image_size"], "tta": self.scoring["tta"],
+                "mel_threshold": self.scoring.get("mel_threshold"), "notice": NOTICE}
+
+    def analyse(self, name: str, data: bytes) -> dict:
+        """Probabilities, prediction, melanoma flag and Grad-CAM overlay for one file,
+        or ``{"error": ...}`` worded as the prediction command words it."""
+        member = archives.Member(origin=name, name=name, size=len(data), open=lambda: BytesIO(data))
+        _, pixels, errors = decode_all([member], self.info["image_size"])
+        if errors:
+            return {"file": name, "error": errors[0]}
+        classes = list(self.info["classes"])
+        with self.lock:
+            probabilities = inference.predict(self.model, self.info, pixels)[0]
+            predicted = int(probabilities.argmax())
+            # The scored prediction is the target, as in the explain stage.
+            cams, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
+                                       target=torch.tensor([predicted]))
+        result = {"file": name, "predicted": classes[predicted], "confidence": float(probabilities[predicted]),
+                  "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},
+                  "image": png_data_url(pixels[0]), "overlay": png_data_url(plots.overlay(pixels[0], cams[0])),
+                  "melanoma": None}
+        threshold = self.scoring.get("mel_threshold")
+        if threshold is not None and "mel" in classes:
+            p_mel = float(probabilities[classes.index("mel")])
+            result["melanoma"] = {"probability": p_mel, "threshold": float(threshold), "flag": p_mel >= threshold}
+        return result
+
+
+def _file_name(header: str | None) -> str:
+    """The uploaded file's own name (the browser sends it percent-encoded), no folders."""
+    name = unquote(header or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return "".join(c for c in name if c.isprintable())[:200] or "upload"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "skinlesion-app"
+    timeout = 60  # seconds a connection may stall (a body promised and never sent) before it is dropped
+    analyst: Analyst  # set on the subclass that serve() makes
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: HTTPStatus, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server naming
+        try:
+            if self.path in ("/", "/index.html"):
+                page = resources.files("skinlesion.app").joinpath("page.html").read_bytes()
+                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
+            elif self.path == "/api/info":
+                self._json(HTTPStatus.OK, self.analyst.describe())
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
+        except Exception as error:  # noqa: BLE001 - the server outlives any one request
+            self._failed(error)
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            if self.path != "/api/predict":
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+                return
+            name = _file_name(self.headers.get("X-File-Name"))
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                self.close_connection = True
+                self._json(HTTPStatus.LENGTH_REQUIRED, {"file": name, "error": f"{name}: upload without a length"})
+                return
+            if int(length) > MAX_UPLOAD:
+                self._discard(int(length))
+                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           {"file": name, "error": f"{name}: {int(length) / 2**20:.1f} MB is over the "
+                                                   f"{MAX_UPLOAD // 2**20} MB limit per image"})
+                return
+            data = self.rfile.read(int(length))
+            result = self.analyst.analyse(name, data)
+            self._json(HTTPStatus.UNPROCESSABLE_ENTITY if "error" in result else HTTPStatus.OK, result)
+        except Exception as error:  # noqa: BLE001
+            self._failed(error)
+
+    def _discard(self, length: int) -> None:
+        """Read and drop a refused body, so the client (still sending) gets the answer
+        rather than a broken pipe; past a few times the limit, hang up instead."""
+        self.close_connection = True  # nothing of it may be taken for a next request
+        if length <= 4 * MAX_UPLOAD:
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 16))
+                if not chunk:
+                    break
+                length -= len(chunk)
+
+    def _failed(self, error: Exception) -> None:
+        log.error("error: %s %s failed:\n%s", self.command, self.path, traceback.format_exc())
+        try:
+            self.close_connection = True
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"the server failed on this request "
+                                                                   f"({type(error).__name__}: {error})"})
+        except OSError:
+            pass  # the browser has gone
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # Ctrl-C does not wait for a browser's open connection
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000) -> Server:
+    """A server bound to ``host``:``port`` (not yet serving) for the model file."""
+    analyst = Analyst(Path(model_path))
+    handler = type("BoundHandler", (Handler,), {"analyst": analyst})
+    return (Server6 if ":" in host else Server)((host, port), handler)

@@ -1,0 +1,1 @@
+"""The deployment phase: the model as an ONNX file (stage export) and its runner on ONNX Runtime."""

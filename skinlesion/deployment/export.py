@@ -1,0 +1,118 @@
+"""The calibrated model as one ONNX file that runs without PyTorch (stage export).
+
+The graph takes what the pipeline decodes, uint8 RGB images N x S x S x 3 (NHWC; S
+the model's image size, N free), normalises them inside, and returns raw logits
+(N x classes). Scoring stays outside the graph, as in
+``skinlesion.evaluation.inference``: the file's metadata carries the model file's
+``scoring`` (TTA views, logit adjustment, temperature, melanoma threshold) and
+``skinlesion.deployment.runtime`` applies it with the same code as the PyTorch path.
+
+Metadata (``metadata_props``, all text): ``format``, ``architecture``, ``classes``
+(JSON), ``image_size``, ``mean`` and ``std`` (JSON, per channel on the 0-1 scale),
+``input``, ``output`` and, when the model file has one, ``scoring`` (JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from skinlesion import PipelineError
+from skinlesion.deployment import runtime
+from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT
+from skinlesion.evaluation.inference import normalise
+from skinlesion.files import atomic_path
+
+OPSET = 18  # the opset torch's exporter (torch.onnx, dynamo=True) translates to natively
+TOLERANCE = 1e-3  # largest |logit difference| from PyTorch accepted when the export checks itself
+
+
+class Normalised(nn.Module):
+    """uint8 N x S x S x 3 images in, the model's logits out: the arithmetic of
+    ``inference.normalise`` inside the graph."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        # Not `mean`/`std`: unoptimised, the exporter names weights and node outputs (aten.mean's
+        # among them) from one space, and a duplicate name makes an invalid model.
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std)
+
+
+def metadata(info: dict) -> dict[str, str]:
+    """The model file's description, as the ONNX file's metadata."""
+    size = int(info["image_size"])
+    props = {"format": FORMAT, "architecture": info["architecture"], "classes": json.dumps(list(info["classes"])),
+             "image_size": str(size), "mean": json.dumps(list(info["mean"])), "std": json.dumps(list(info["std"])),
+             "input": f"{INPUT}: uint8 RGB, N x {size} x {size} x 3 (NHWC), normalised inside the graph",
+             "output": f"{OUTPUT}: float32 N x {len(info['classes'])} raw logits, before the scoring"}
+    if info.get("scoring"):
+        props["scoring"] = json.dumps(info["scoring"], sort_keys=True)
+    return props
+
+
+def _example(size: int, batch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
+
+
+def to_onnx(model: nn.Module, info: dict, example_batch: int = 2) -> onnx.ModelProto:
+    """The model (in eval mode) with its metadata as an ONNX model whose batch axis is free."""
+    wrapper = Normalised(model, info["mean"], info["std"]).eval()
+    example = (_example(int(info["image_size"]), example_batch),)
+    name = info["architecture"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+            # Strict (TorchDynamo) tracing keeps `len(tensor)` symbolic; the default non-strict
+            # trace turns it into the example's batch size (the ResNet-Transformer's class token).
+            program = torch.export.export(wrapper, example, strict=True,
+                                          dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+            # optimize=False: ONNX Script's optimiser (0.7) drops an Add of any constant within
+            # 1e-8 of zero, which removes FixCaps' squash epsilon and moves its logits by ~1e-3.
+            exported = torch.onnx.export(program, example, input_names=[INPUT], output_names=[OUTPUT],
+                                         opset_version=OPSET, dynamo=True, external_data=False, optimize=False,
+                                         verbose=False)
+    except Exception as error:  # noqa: BLE001 - whatever the exporter refuses is reported on one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(f"{name} cannot be exported to ONNX ({type(error).__name__}: {reason})") from None
+    proto = exported.model_proto
+    proto.doc_string = f"skinlesion {name}: uint8 NHWC images in, logits out; see metadata_props"
+    for key, value in metadata(info).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def largest_difference(proto_or_path, model: nn.Module, info: dict, batch: int = 3) -> float:
+    """Largest |logit| difference between ONNX Runtime and PyTorch on ``batch`` random
+    images (a batch size other than the example's, so the free batch axis is exercised)."""
+    session, _ = runtime.load(proto_or_path)
+    images = _example(int(info["image_size"]), batch).numpy()
+    got = session.run([OUTPUT], {INPUT: images})[0]
+    with torch.no_grad():
+        expected = model.eval()(normalise(images, info, "cpu")).float().numpy()
+    return float(np.abs(got - expected).max())
+
+
+def export(model: nn.Module, info: dict, path: str | Path) -> float:
+    """Write the ONNX file to ``path`` after checking it against PyTorch; returns the
+    largest logit difference seen. Nothing is written if the check fails."""
+    proto = to_onnx(model, info)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+        difference = largest_difference(tmp, model, info)
+        if not difference <= TOLERANCE:
+            raise PipelineError(f"the ONNX export of {info['architecture']} differs from PyTorch by {difference:.2g} "
+                                f"in the logits (more than {TOLERANCE}); keep using {Path(path).with_suffix('.pt')}")
+    return difference

@@ -1,0 +1,90 @@
+"""The ONNX export on ONNX Runtime, scored like the model file it came from.
+
+``load`` gives a session and the same description ``skinlesion.modelfile.load``
+gives (classes, image size, normalisation, scoring); ``view_logits`` and
+``predict`` mirror ``skinlesion.evaluation.inference``: the same test-time views and
+the same scoring code (``skinlesion.evaluation.calibrate``), so an image gets the
+same probabilities here as from ``models/model.pt``. No PyTorch is imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from skinlesion import PipelineError
+from skinlesion.evaluation import calibrate
+from skinlesion.progress import bar
+
+FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
+INPUT, OUTPUT = "images", "logits"
+TTA = ("none", "flips", "dihedral")
+
+
+def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
+    """A session on the CPU for the ONNX file (a path, or a ModelProto) and its
+    description; ``threads`` 0 lets ONNX Runtime choose."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
+    model = source.SerializeToString() if hasattr(source, "SerializeToString") else str(source)
+    if isinstance(model, str) and not Path(model).is_file():
+        raise PipelineError(f"{model}: no such ONNX file; run `dvc repro export` first")
+    try:
+        session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime's own error types for corrupt and foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(f"{source if isinstance(model, str) else 'the model'}: not a loadable ONNX file "
+                            f"({reason})") from None
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get("format") != FORMAT:
+        raise PipelineError(f"{source}: not a {FORMAT} file; write one with `dvc repro export`")
+    info = {"architecture": props["architecture"], "classes": json.loads(props["classes"]),
+            "image_size": int(props["image_size"]), "mean": json.loads(props["mean"]),
+            "std": json.loads(props["std"])}
+    if "scoring" in props:
+        info["scoring"] = json.loads(props["scoring"])
+    return session, info
+
+
+def _views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
+    """``inference._views`` on NHWC: width is axis 2, height axis 1."""
+    if tta == "none":
+        return [batch]
+    views = [batch, batch[:, :, ::-1], batch[:, ::-1], batch[:, ::-1, ::-1]]
+    if tta == "dihedral":
+        views += [view.transpose(0, 2, 1, 3) for view in views]
+    return [np.ascontiguousarray(view) for view in views]
+
+
+def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, tta: str,
+                batch_size: int = 128, progress: str | None = None) -> np.ndarray:
+    """V x N x classes raw logits, one slice per test-time view of ``tta``."""
+    if tta not in TTA:
+        raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
+    size = info["image_size"]
+    if images.shape[1:] != (size, size, 3):
+        raise PipelineError(f"images are {images.shape[1:]}, the model expects {(size, size, 3)}")
+    views = len(_views(np.zeros((1, 1, 1, 3), np.uint8), tta))
+    out = [np.zeros((views, 0, len(info["classes"])), np.float32)]
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
+        out.append(np.stack([session.run([OUTPUT], {INPUT: view})[0] for view in _views(batch, tta)]))
+    return np.concatenate(out, axis=1)
+
+
+def scoring(info: dict) -> dict:
+    """The exported scoring, or the identity for a model straight from training."""
+    return {**calibrate.IDENTITY, **(info.get("scoring") or {})}
+
+
+def predict(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
+            progress: str | None = None) -> np.ndarray:
+    """N x classes probabilities, scored as the exported model file says."""
+    how = scoring(info)
+    logits = view_logits(session, info, images, tta=how["tta"], batch_size=batch_size, progress=progress)
+    return calibrate.probabilities(logits, how).astype(np.float32)

@@ -1,0 +1,159 @@
+"""The local web page: its JSON endpoint answers like the prediction command (same
+decoding, scoring and error lines) and survives bad uploads; in a real headless
+Chromium, a dropped image shows its probabilities and Grad-CAM overlay, and a text
+file named .jpg shows the error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinlesion import CLASSES, modelfile
+from skinlesion.data.prepare import load_image
+from skinlesion.evaluation import inference
+from skinlesion.training import models
+from tests.conftest import PROJECT
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+NOT_AN_IMAGE = "notes.jpg: not an image (no format Pillow recognises)"  # the prediction command's line
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    head = {"hidden": 8, "dropout": 0}
+    model = models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head=head)
+    folder = tmp_path_factory.mktemp("app_model")
+    modelfile.save(folder / "trained.pt", model, architecture="simple_cnn", settings={}, head=head, classes=CLASSES,
+                   image_size=32, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, training={})
+    modelfile.with_scoring(folder / "trained.pt", folder / "model.pt",
+                           {"tta": "flips", "tau": 0.0, "log_prior": None, "temperature": 1.0, "mel_threshold": 0.1})
+    return folder / "model.pt"
+
+
+@pytest.fixture()
+def uploads(synthetic_folder, tmp_path) -> tuple[Path, Path]:
+    image = sorted((synthetic_folder / "HAM10000_images_part_1").glob("*.jpg"))[0]
+    text = tmp_path / "notes.jpg"
+    text.write_text("a text file, renamed\n")
+    return image, text
+
+
+def post(url: str, data: bytes, name: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "api/predict", data=data, method="POST",
+                                     headers={"X-File-Name": name, "Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_endpoint_answers_like_the_prediction_command_and_survives_bad_uploads(model_file, uploads, monkeypatch):
+    from skinlesion.app import server
+
+    image, text = uploads
+    monkeypatch.setattr(server, "MAX_UPLOAD", 1 << 20)
+    httpd = server.serve(model_file, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    try:
+        status, answer = post(url, image.read_bytes(), "lesion%20one.jpg")
+        assert status == 200 and answer["file"] == "lesion one.jpg"
+        model, info = modelfile.load(model_file)
+        expected = inference.predict(model, info, np.stack([load_image(image, 32)]))[0]
+        got = np.array([answer["probabilities"][name] for name in CLASSES])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert answer["predicted"] == CLASSES[int(expected.argmax())]
+        assert answer["melanoma"] == {"probability": pytest.approx(float(expected[4])), "threshold": 0.1,
+                                      "flag": bool(expected[4] >= 0.1)}
+        assert answer["overlay"].startswith("data:image/png;base64,")
+        assert post(url, text.read_bytes(), "notes.jpg") == (422, {"file": "notes.jpg", "error": NOT_AN_IMAGE})
+        status, answer = post(url, image.read_bytes()[:300], "../cut.jpg")
+        assert status == 422 and answer["error"].startswith("cut.jpg: not a readable image (")
+        status, answer = post(url, b"x" * (2 << 20), "huge.jpg")
+        assert status == 413 and answer["error"] == "huge.jpg: 2.0 MB is over the 1 MB limit per image"
+        with urllib.request.urlopen(url, timeout=30) as page:  # still serving
+            assert "Research tool, not a diagnosis." in page.read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium chromium-driver)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the Python package playwright is not installed (pip install -r requirements.txt)"
+    return None
+
+
+@pytest.fixture()
+def app_url(model_file):
+    """The real command, serving on a free port of 127.0.0.1."""
+    process = subprocess.Popen([sys.executable, "-m", "skinlesion.app", str(model_file), "--port", "0"], cwd=PROJECT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "SKINLESION_PROGRESS": "0"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=180)  # importing torch on a busy machine takes a while
+    if not (lines and "http://127.0.0.1:" in lines[0]):
+        process.kill()
+        pytest.fail(f"the app did not start: {process.communicate()[1]}")
+    try:
+        yield lines[0].split(" on ", 1)[1].split()[0]
+        assert process.poll() is None, "the server died"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+def test_a_person_drops_an_image_and_a_text_file_in_chromium(app_url, uploads, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    image, text = uploads
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(app_url)
+            expect(page.locator("#model")).to_contain_text("simple_cnn, 32 px")
+            expect(page.get_by_text("Research tool, not a diagnosis.")).to_be_visible()
+
+            page.set_input_files("#files", str(image))
+            card = page.locator(".result").first
+            expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
+            assert card.locator("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 32
+            bars = card.locator(".bar")
+            expect(bars).to_have_count(len(CLASSES))
+            shown = [float(bars.nth(i).get_attribute("data-probability")) for i in range(len(CLASSES))]
+            assert sum(shown) == pytest.approx(1, abs=1e-4)
+            predicted = card.locator(".predicted").inner_text()
+            assert predicted == CLASSES[int(np.argmax(shown))]
+            expect(card.locator(".melanoma")).to_contain_text("threshold 0.100")
+
+            page.set_input_files("#files", str(text))
+            error = page.locator(".result.failed .error")
+            expect(error).to_have_text(f"error: {NOT_AN_IMAGE}", timeout=60_000)
+            expect(page.locator(".result")).to_have_count(2)  # the first answer stays
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        finally:
+            browser.close()
