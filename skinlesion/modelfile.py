@@ -27,11 +27,25 @@ def save(path: str | Path, model: models.Classifier, *, architecture: str, setti
     _write(path, payload)
 
 
+def _fresh(value):
+    """``value`` rebuilt with a new object for every string: pickle shares one copy of
+    an object met twice, so two equal payloads built from differently shared strings
+    (params read by YAML or by the typed params layer) would differ in their bytes."""
+    if isinstance(value, dict):
+        return {_fresh(key): _fresh(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_fresh(item) for item in value]
+    if isinstance(value, str) and len(value) > 1:
+        return value.encode("utf-8").decode("utf-8")
+    return value
+
+
 def _write(path: str | Path, payload: dict) -> None:
     # Through a buffer: saved to a path, torch names the archive's inner folder after
     # the (random) temporary file, and identical models would differ in their bytes.
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save({**_fresh({k: v for k, v in payload.items() if k != "state_dict"}), "state_dict": payload["state_dict"]},
+               buffer)
     write_bytes(path, buffer.getvalue())
 
 
