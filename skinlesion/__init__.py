@@ -1,11 +1,11 @@
 """Reproducible, leakage-free HAM10000 skin-lesion classification.
 
-Each DVC stage in ``stages/`` is a thin wrapper over one module here:
-``sources`` (download), ``prepare`` (working resolution), ``splitting``,
-``balancing`` (with ``augmentation``), ``training`` (with ``models``, ``loader``,
-``losses``, ``modelfile``), ``metrics`` (evaluate, with ``evaluation`` and
-``inference``) and ``explanations`` (explain). ``predict`` is the command-line use
-of a saved model; ``params`` hands each stage the params it declares.
+Each DVC stage in ``stages/`` is a thin wrapper over one module, in a folder named
+for its phase: ``data.download``, ``data.prepare``, ``data.split``, ``data.balance``;
+``training.train``; ``evaluation.calibrate``, ``deployment.export``,
+``evaluation.evaluate``, ``evaluation.external``, ``evaluation.card`` and
+``evaluation.explain``. ``predict`` and ``app`` are the command-line and web use of a
+saved model; ``params`` hands each stage the checked params it declares.
 """
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
