@@ -67,6 +67,22 @@ class Indexed:
     unlisted_masks: list[str]
 
 
+def _find_metadata(collector: Collector, tables: list[Member], count: int) -> Member:
+    """The one table among ``tables`` that is a HAM10000 metadata CSV."""
+    candidates = [t for t in tables if metadata.header_looks_like_metadata(collector.materialize(t), name=t.origin)]
+    if not candidates:
+        named = [t for t in tables if "metadata" in t.name.lower()]
+        if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
+            metadata.read(collector.materialize(named[0]), name=named[0].origin)
+        raise PipelineError(
+            f"no metadata CSV found among {count} files (expected one with columns "
+            f"lesion_id, image_id, dx, ...); tables seen: {names([t.origin for t in tables]) or 'none'}"
+        )
+    if len(candidates) > 1:
+        raise PipelineError(f"several metadata CSVs found: {names([c.origin for c in candidates])}; keep one")
+    return candidates[0]
+
+
 def index(collector: Collector, members: list[Member], *, metadata_frame: pd.DataFrame | None = None,
           metadata_origin: str = "", used: Iterable[str] = ()) -> Indexed:
     """Sort ``members`` into metadata, images and masks, and check that every listed
@@ -98,23 +114,10 @@ def index(collector: Collector, members: list[Member], *, metadata_frame: pd.Dat
         bucket[key] = member
 
     if metadata_frame is None:
-        candidates = [t for t in tables
-                      if metadata.header_looks_like_metadata(collector.materialize(t), name=t.origin)]
-        if not candidates:
-            named = [t for t in tables if "metadata" in t.name.lower()]
-            if len(named) == 1:  # the metadata file is there but broken: say what is wrong with it
-                metadata.read(collector.materialize(named[0]), name=named[0].origin)
-            raise PipelineError(
-                f"no metadata CSV found among {len(members)} files (expected one with columns "
-                f"lesion_id, image_id, dx, ...); tables seen: {names([t.origin for t in tables]) or 'none'}"
-            )
-        if len(candidates) > 1:
-            raise PipelineError(
-                f"several metadata CSVs found: {names([c.origin for c in candidates])}; keep one"
-            )
-        metadata_origin = candidates[0].origin
-        metadata_frame = metadata.read(collector.materialize(candidates[0]), name=metadata_origin)
-        tables.remove(candidates[0])
+        found = _find_metadata(collector, tables, len(members))
+        metadata_origin = found.origin
+        metadata_frame = metadata.read(collector.materialize(found), name=metadata_origin)
+        tables.remove(found)
     others.extend(t.origin for t in tables)
 
     listed = set(metadata_frame["image_id"])
