@@ -62,7 +62,8 @@ def make_project(root: Path, source: Path, overrides: dict | None = None) -> Pat
     # not follow the default recipe: they check the stages' behaviour, on the cheapest model.
     set_params(root, {"download.source": "local", "download.path": str(source), "model": "simple_cnn",
                       "prepare.image_size": 32, "balance.strategy": "threshold", "balance.target_per_class": 12,
-                      "train.sampler": "shuffle", "train.augment": "flips", "calibrate.tta": "none",
+                      "train.sampler": "shuffle", "train.augment": "flips", "train.ema": 0.0,
+                      "train.select": "balanced_accuracy", "calibrate.tta": "none",
                       "train.epochs": 1, "train.batch_size": 16, "models.fixcaps.kernel": 9,
                       "models.vit_b_16.layers": 2, "models.vit_b_16.heads": 2, "models.vit_b_16.hidden_dim": 32,
                       "models.vit_b_16.mlp_dim": 64,
