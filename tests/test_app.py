@@ -27,7 +27,7 @@ from tests.conftest import PROJECT
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-NOT_AN_IMAGE = "notes.jpg: not an image (no format Pillow recognises)"  # the prediction command's line
+NOT_AN_IMAGE = "notes.jpg is not an image (no format Pillow recognises)"  # the prediction command's line
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_the_endpoint_answers_like_the_prediction_command_and_survives_bad_uploa
         assert answer["overlay"].startswith("data:image/png;base64,")
         assert post(url, text.read_bytes(), "notes.jpg") == (422, {"file": "notes.jpg", "error": NOT_AN_IMAGE})
         status, answer = post(url, image.read_bytes()[:300], "../cut.jpg")
-        assert status == 422 and answer["error"].startswith("cut.jpg: not a readable image (")
+        assert status == 422 and answer["error"].startswith("cut.jpg is not a readable image (")
         status, answer = post(url, b"x" * (2 << 20), "huge.jpg")
         assert status == 413 and answer["error"] == "huge.jpg: 2.0 MB is over the 1 MB limit per image"
         with urllib.request.urlopen(url, timeout=30) as page:  # still serving

@@ -57,7 +57,7 @@ def wrapped(patch: str, argv: list) -> list:
 FULL_DISK = ("import os\ndef full(*args):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
              "os.replace = full")
 A_BUG = ("import skinlesion.evaluation.inference as inference\n"
-         "def broken(*args, **kwargs):\n    return 1 / 0\ninference.predict = broken")
+         "def broken(*args, **kwargs):\n    return 1 / 0\ninference.view_logits = broken")
 
 # name: (make the command from kit and tmp_path, exit code, what the one line says, unprivileged)
 PREDICT_CASES = {
