@@ -59,7 +59,8 @@ def test_balance_param_reruns_balance_and_train_only(project):
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
     assert changed == {"data/balanced", "plots/balance/summary.json", "plots/balance/augmented_montage.png",
-                       "models/trained.pt", "models/model.pt", "plots/calibrate/calibration.json", "metrics/train",
+                       "models/trained.pt", "models/model.pt", "models/model.onnx", "plots/calibrate/calibration.json",
+                       "metrics/train",
                        "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json",
                        "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "plots/balance/summary.json").read_text())["images"] == 63
