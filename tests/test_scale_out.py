@@ -43,7 +43,7 @@ def test_two_processes_under_torchrun_train_one_model(project):
 def test_ranks_stop_early_together(project):
     """Early stopping is decided on reduced scores, the same on every rank; a rank that
     left the loop alone would leave the other waiting in a collective until the timeout."""
-    result = run(["dvc", "exp", "run", "-S", "train.nproc=2", "-S", "train.lr=0.0", "-S", "train.scheduler=none",
+    result = run(["dvc", "exp", "run", "-S", "train.nproc=2", "-S", "train.lr=1e-12", "-S", "train.scheduler=none",
                   "-S", "train.warmup_epochs=0", "-S", "train.early_stopping_patience=1", "-S", "train.epochs=4"],
                  project, timeout=300)
     assert "early stop" in result.stderr and "weights identical on all 2 ranks" in result.stderr
