@@ -17,6 +17,8 @@ def main(params):
     sources = external.check_sources(params["external"]["sources"])
     results = {}
     with atomic_dir(Path("plots/external")) as plots:
+        # never an empty folder: git keeps no empty folders, so a clone would miss this output
+        write_json(plots / "sources.json", [{"name": s["name"], "path": str(s["path"])} for s in sources])
         if sources:
             model, info = modelfile.load(Path("models/model.pt"))
             results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all)
