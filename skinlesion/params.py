@@ -200,12 +200,25 @@ class Evaluate(Group):
 
 
 class ExternalSource(Group):
+    """A labelled set: a folder or zip in HAM10000 layout (``path``), or one the stage
+    downloads (``download: isic2018_test``, the ISIC 2018 Task 3 test set)."""
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    path: str
+    path: str = ""
+    download: Literal["", "isic2018_test"] = ""
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if bool(self.path) == bool(self.download):
+            raise ValueError(f"external source {self.name!r} needs either a path (a folder or zip in HAM10000 "
+                             f"layout) or download: isic2018_test, not {'both' if self.path else 'neither'}")
+        return self
 
 
 class External(Group):
     sources: list[ExternalSource]
+    isic2018_url: str = "https://isic-challenge-data.s3.amazonaws.com/2018"
+    cache_dir: str = "data/downloads"
+    retries: Whole = 5
 
 
 class Explain(Group):

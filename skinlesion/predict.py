@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, PipelineError, cli, modelfile, params
-from skinlesion.data import archives, assemble
+from skinlesion.data import archives
 from skinlesion.data.images import Unusable, load_image
-from skinlesion.evaluation import calibrate, evaluate, inference
+from skinlesion.evaluation import calibrate, evaluate, external, inference
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
 
@@ -198,31 +198,27 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     logits_of, info = load_predictor(model_path)
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
-    with tempfile.TemporaryDirectory() as scratch:
-        collector = archives.Collector(Path(scratch), MAX_BYTES)
-        try:
-            found = assemble.index(collector, collector.collect([source]))
-            frame = found.metadata
-            if wanted is not None:
-                unknown = sorted(wanted - set(frame["image_id"]))
-                if unknown:
-                    raise PipelineError(f"--labels {labels}: {len(unknown)} image_id(s) not in {source}: "
-                                        f"{archives.names(unknown)}; give the labels of this source")
-                frame = frame[frame["image_id"].isin(wanted)].reset_index(drop=True)
-            members = [found.images[image_id] for image_id in frame["image_id"]]
-            # a labelled set is scored whole: the intervals resample its lesions
-            ok, pixels, errors = decode_all(members, info["image_size"])
-        finally:
-            collector.close()
+
+    def labelled(frame):
+        if wanted is None:
+            return frame
+        unknown = sorted(wanted - set(frame["image_id"]))
+        if unknown:
+            raise PipelineError(f"--labels {labels}: {len(unknown)} image_id(s) not in {source}: "
+                                f"{archives.names(unknown)}; give the labels of this source")
+        return frame[frame["image_id"].isin(wanted)]
+
+    # a labelled set is scored whole: the intervals resample its lesions
+    scored, pixels, errors, listed = external.load_labelled([source], info["image_size"], decode_all,
+                                                            select=labelled)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    if not ok:
-        raise PipelineError(f"none of the {len(members)} image(s) of {source} could be read; nothing to score")
-    scored = frame.iloc[ok].reset_index(drop=True).assign(label=lambda f: f["dx"].map(CLASSES.index))
+    if not len(scored):
+        raise PipelineError(f"none of the {listed} image(s) of {source} could be read; nothing to score")
     settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
     evaluate.evaluate_split(logits_of, info, scored, pixels, settings, metrics_path=out, plots_dir=None,
                             progress="score")
-    log.info("wrote %s: %d image(s) scored, %d failed", out, len(ok), len(errors))
+    log.info("wrote %s: %d image(s) scored, %d failed", out, len(scored), len(errors))
     return 1 if errors else 0
 
 

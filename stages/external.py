@@ -1,5 +1,6 @@
 """DVC stage `external`: score the model on each labelled set listed in
-`external.sources` (folders or zips in HAM10000 layout), with the test split's
+`external.sources` (folders or zips in HAM10000 layout, or the ISIC 2018 Task 3
+test set, downloaded), with the test split's
 metrics, intervals and plots (skinlesion.evaluation.external). An empty list is
 the default and costs nothing."""
 
@@ -14,13 +15,14 @@ from skinlesion.predict import decode_all
 
 
 def main(params):
-    sources = external.check_sources(params["external"]["sources"])
+    listed = external.check_sources(params["external"]["sources"])
     results = {}
     with atomic_dir(Path("plots/external")) as plots:
         # never an empty folder: git keeps no empty folders, so a clone would miss this output
-        write_json(plots / "sources.json", [{"name": s["name"], "path": str(s["path"])} for s in sources])
-        if sources:
+        write_json(plots / "sources.json", listed)
+        if listed:
             model, info = modelfile.load(Path("models/model.pt"))
+            sources = [external.locate(entry, params["external"]) for entry in listed]
             results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all)
     write_json(Path("metrics/external.json"), results, sort_keys=False)
     for name, result in results.items():

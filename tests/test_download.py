@@ -135,27 +135,28 @@ def test_download_stage_exits_nonzero_with_one_line_error(http_server, synthetic
     assert not (project / "data/raw").exists()
 
 
-def serve_isic(server, source: Path) -> dict[str, bytes]:
+def serve_isic(server, source: Path, part: str = "Training") -> dict[str, bytes]:
+    """Publish the synthetic copy as the ISIC 2018 Task 3 ``part`` (Training or Test):
+    images, one-hot ground truth, and (Training only) the lesion groupings."""
     frame = pd.read_csv(source / "HAM10000_metadata.csv")
     truth = pd.DataFrame({"image": frame.image_id})
     for name in CLASSES:
         truth[name.upper()] = (frame.dx == name).astype(float)
     truth_zip = io.BytesIO()
     with zipfile.ZipFile(truth_zip, "w") as archive:
-        archive.writestr("ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv",
+        archive.writestr(f"ISIC2018_Task3_{part}_GroundTruth/ISIC2018_Task3_{part}_GroundTruth.csv",
                          truth.to_csv(index=False))
     images = io.BytesIO()
     with zipfile.ZipFile(source / "HAM10000_images.zip") as src, zipfile.ZipFile(images, "w") as archive:
         for name in src.namelist():
-            archive.writestr(f"ISIC2018_Task3_Training_Input/{name}", src.read(name))
-        archive.writestr("ISIC2018_Task3_Training_Input/LICENSE.txt", "CC BY-NC")
-    groupings = frame.rename(columns={"image_id": "image", "dx_type": "diagnosis_confirm_type"})
-    files = {
-        "ISIC2018_Task3_Training_Input.zip": images.getvalue(),
-        "ISIC2018_Task3_Training_GroundTruth.zip": truth_zip.getvalue(),
-        "ISIC2018_Task3_Training_LesionGroupings.csv":
-            groupings[["image", "lesion_id", "diagnosis_confirm_type"]].to_csv(index=False).encode(),
-    }
+            archive.writestr(f"ISIC2018_Task3_{part}_Input/{name}", src.read(name))
+        archive.writestr(f"ISIC2018_Task3_{part}_Input/LICENSE.txt", "CC BY-NC")
+    files = {f"ISIC2018_Task3_{part}_Input.zip": images.getvalue(),
+             f"ISIC2018_Task3_{part}_GroundTruth.zip": truth_zip.getvalue()}
+    if part == "Training":
+        groupings = frame.rename(columns={"image_id": "image", "dx_type": "diagnosis_confirm_type"})
+        files["ISIC2018_Task3_Training_LesionGroupings.csv"] = \
+            groupings[["image", "lesion_id", "diagnosis_confirm_type"]].to_csv(index=False).encode()
     for name, body in files.items():
         server.files[f"/2018/{name}"] = body
     return files
@@ -182,3 +183,36 @@ def test_isic2018_source_records_hashes_and_catches_a_change(http_server, synthe
     with pytest.raises(PipelineError, match="differs from the copy first downloaded"):
         download.download(params, tmp_path / "raw2", tmp_path / "cache")
     assert not (tmp_path / "raw2").exists()
+
+
+def test_isic2018_test_ground_truth_without_groupings_counts_each_image_as_a_lesion(http_server, synthetic_zips,
+                                                                                     tmp_path):
+    from skinlesion.data.isic2018 import ISIC2018_TEST_FILES, download_isic2018, isic2018_metadata
+
+    serve_isic(http_server, synthetic_zips, part="Test")
+    import requests
+
+    paths, record = download_isic2018(f"{http_server.url}/2018", tmp_path / "cache", retries=1,
+                                      session=requests.Session(), files=ISIC2018_TEST_FILES)
+    assert [p.name for p in paths] == list(ISIC2018_TEST_FILES)
+    frame = isic2018_metadata(paths[1], None)
+    official = pd.read_csv(synthetic_zips / "HAM10000_metadata.csv").sort_values("image_id")
+    assert list(frame.image_id) == list(official.image_id) and list(frame.dx) == list(official.dx)
+    assert list(frame.lesion_id) == list(frame.image_id)
+
+
+def test_isic2018_ground_truth_problems_are_one_line_errors(tmp_path):
+    from skinlesion.data.isic2018 import isic2018_metadata
+
+    truth = tmp_path / "truth.zip"
+    rows = "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nISIC_0000001,1,0,0,0,0,0,0\nISIC_0000002,yes,0,0,0,0,0,0\n"
+    with zipfile.ZipFile(truth, "w") as archive:
+        archive.writestr("truth.csv", rows)
+    with pytest.raises(PipelineError, match=r"truth.zip: rows on line\(s\) 3 do not name exactly one diagnosis"):
+        isic2018_metadata(truth, None)
+    with zipfile.ZipFile(truth, "w") as archive:
+        archive.writestr("truth.csv", rows.replace("yes", "0").replace("ISIC_0000002,0", "ISIC_0000002,1"))
+    groupings = tmp_path / "groupings.csv"
+    groupings.write_text("image,lesion_id\nISIC_0000001,HAM_1\n")
+    with pytest.raises(PipelineError, match="groupings.csv: no lesion_id for 1 image\\(s\\): ISIC_0000002"):
+        isic2018_metadata(truth, groupings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -229,6 +230,28 @@ def test_an_external_set_is_scored_like_the_test_split_and_reaches_the_model_car
         set_params(project, {"external.sources": [{"name": "x", "path": str(project / "nowhere")}]})
         failed = run(["dvc", "repro"], project, check=False)
         assert failed.returncode != 0 and "external.sources item 1 (x)" in failed.stderr and "does not exist" in failed.stderr
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+        run(["dvc", "repro"], project)
+
+
+def test_the_isic2018_test_set_downloads_and_is_scored_as_an_external_set(project, synthetic_zips, http_server):
+    from tests.test_download import serve_isic
+
+    serve_isic(http_server, synthetic_zips, part="Test")
+    set_params(project, {"external.sources": [{"name": "isic2018-test", "download": "isic2018_test"}],
+                         "external.isic2018_url": f"{http_server.url}/2018"})
+    try:
+        assert ran(run(["dvc", "repro"], project).stdout) == ["external", "card"]
+        scored = json.loads((project / "metrics/external.json").read_text())["isic2018-test"]
+        listed = pd.read_csv(synthetic_zips / "HAM10000_metadata.csv")
+        assert scored["images"] == len(listed) and scored["lesions"] == len(listed)  # no groupings: image = lesion
+        assert (project / "plots/external/isic2018-test/confusion_matrix.png").is_file()
+        assert (project / "data/downloads/isic2018_test/ISIC2018_Task3_Test_Input.zip").is_file()
+        set_params(project, {"external.sources": [{"name": "both", "path": "x", "download": "isic2018_test"}]})
+        failed = run(["dvc", "repro"], project, check=False)
+        assert failed.returncode != 0 and "Traceback" not in failed.stderr
+        assert "external source 'both' needs either a path" in failed.stderr
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)

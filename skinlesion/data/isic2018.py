@@ -1,5 +1,6 @@
-"""The ISIC 2018 Task 3 training archives, and HAM10000-style metadata built from
-their one-hot ground truth and lesion groupings."""
+"""The ISIC 2018 Task 3 archives (the training set, a download source; the test set
+with its public ground truth, an external set), and HAM10000-style metadata built
+from their one-hot ground truth and, where published, lesion groupings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import requests
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import metadata
-from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name
+from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name, names
 from skinlesion.data.checksums import read_checksums, write_checksums
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
@@ -21,6 +22,12 @@ ISIC2018_FILES = (
     "ISIC2018_Task3_Training_GroundTruth.zip",
     "ISIC2018_Task3_Training_LesionGroupings.csv",
 )
+# The test set (1,512 images; ground truth public since the challenge closed). No lesion
+# groupings are published for it, so each image counts as its own lesion.
+ISIC2018_TEST_FILES = (
+    "ISIC2018_Task3_Test_Input.zip",
+    "ISIC2018_Task3_Test_GroundTruth.zip",
+)
 
 
 def _recorded_checksums(cache: Path) -> dict[str, str]:
@@ -28,15 +35,15 @@ def _recorded_checksums(cache: Path) -> dict[str, str]:
     return read_checksums(record) if record.is_file() else {}
 
 
-def download_isic2018(base_url: str, cache: Path, *, retries: int,
-                      session: requests.Session) -> tuple[list[Path], dict]:
-    """Fetch the ISIC 2018 Task 3 training archives. No checksums are published for
+def download_isic2018(base_url: str, cache: Path, *, retries: int, session: requests.Session,
+                      files: tuple[str, ...] = ISIC2018_FILES) -> tuple[list[Path], dict]:
+    """Fetch ISIC 2018 Task 3 archives (``files``: the training set's unless told). No checksums are published for
     them, so the SHA-256 of what first arrived is recorded in the cache's SHA256SUMS
     and every later download must match it."""
     base_url = base_url.rstrip("/")
     known = _recorded_checksums(cache)
     paths, record = [], []
-    for name in ISIC2018_FILES:
+    for name in files:
         expected = ("sha256", known[name]) if name in known else None
         try:
             path = fetch(f"{base_url}/{name}", cache / name, checksum=expected, retries=retries,
@@ -57,21 +64,22 @@ def download_isic2018(base_url: str, cache: Path, *, retries: int,
 
 
 
-def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path) -> pd.DataFrame:
+def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path | None) -> pd.DataFrame:
     """HAM10000-style metadata from the ISIC 2018 one-hot ground truth and the lesion
-    groupings (age, sex and localization are not published there and stay empty)."""
+    groupings (age, sex and localization are not published there and stay empty).
+    Without groupings (the test set), each image is its own lesion."""
     with zipfile.ZipFile(ground_truth_zip) as archive:
-        names = [n for n in archive.namelist() if n.lower().endswith(".csv")]
-        if len(names) != 1:
-            raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {names}")
-        check_member_name(ground_truth_zip.name, names[0])
-        with archive.open(names[0]) as handle:
+        tables = [n for n in archive.namelist() if n.lower().endswith(".csv")]
+        if len(tables) != 1:
+            raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {tables}")
+        check_member_name(ground_truth_zip.name, tables[0])
+        with archive.open(tables[0]) as handle:
             truth = pd.read_csv(handle)
     columns = [name.upper() for name in CLASSES]
     missing = [c for c in ["image", *columns] if c not in truth.columns]
     if missing:
         raise PipelineError(f"{ground_truth_zip.name}: ground truth lacks column(s) {missing}")
-    one_hot = truth[columns].to_numpy()
+    one_hot = truth[columns].apply(pd.to_numeric, errors="coerce").to_numpy()  # text: NaN, refused below
     bad = (one_hot.sum(axis=1) != 1) | ~((one_hot == 0) | (one_hot == 1)).all(axis=1)
     if bad.any():
         lines = [str(i + 2) for i in bad.nonzero()[0][:SHOWN]]
@@ -79,6 +87,11 @@ def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path) -> pd.DataFra
                             f"name exactly one diagnosis")
     truth = pd.DataFrame({"image_id": truth["image"].astype(str),
                           "dx": [CLASSES[i] for i in one_hot.argmax(axis=1)]})
+    if groupings_csv is None:
+        truth["lesion_id"] = truth["image_id"]
+        for column in ("dx_type", "age", "sex", "localization"):
+            truth[column] = ""
+        return metadata.validate(truth, ground_truth_zip.name)
     groups = pd.read_csv(groupings_csv, dtype=str, keep_default_na=False)
     if not {"image", "lesion_id"} <= set(groups.columns):
         raise PipelineError(f"{groupings_csv.name}: expected columns image, lesion_id")

@@ -1,68 +1,103 @@
 """Labelled sets from elsewhere, scored like the test split: any folder or zip in
-HAM10000 layout (metadata CSV, images, optional masks), decoded exactly as the
-pipeline decodes, with the same headline metrics, intervals and plots."""
+HAM10000 layout (metadata CSV, images, optional masks), or the ISIC 2018 Task 3 test
+set downloaded with its public ground truth (the DermaMNIST-E protocol: train on
+HAM10000, test on ISIC 2018), decoded exactly as the pipeline decodes, with the same
+headline metrics, intervals and plots."""
 
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import pandas as pd
+import requests
+
 from skinlesion import CLASSES, PipelineError
-from skinlesion.data import archives, assemble
+from skinlesion.data import archives, assemble, isic2018
 from skinlesion.evaluation import evaluate, inference
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_BYTES = 64 * 2**30
 
 
-def check_sources(sources: list) -> list[dict]:
-    """``external.sources`` as a list of {name, path}, each name a safe file name, once."""
-    checked, seen = [], set()
+@dataclass
+class Source:
+    """Where one external set's files are, and its labels when they are not a HAM10000 CSV."""
+    name: str
+    paths: list[Path]
+    metadata: pd.DataFrame | None = None
+    used: list[str] = field(default_factory=list)  # files read for the labels, not images
+
+
+def check_sources(sources: list[dict]) -> list[dict]:
+    """``external.sources`` (already typed by the params layer): names distinct, paths there."""
+    seen = set()
     for number, entry in enumerate(sources, 1):
-        if not isinstance(entry, dict) or set(entry) != {"name", "path"}:
-            raise PipelineError(f"params.yaml: external.sources item {number} is {entry!r}; expected "
-                                f"{{name: NAME, path: FOLDER_OR_ZIP}}")
-        name, path = str(entry["name"]), Path(str(entry["path"])).expanduser()
-        if not NAME.match(name) or name in seen:
-            raise PipelineError(f"params.yaml: external.sources item {number} has name {name!r}; names must be "
-                                f"distinct and made of letters, digits, '_', '-' and '.'")
-        if not path.exists():
-            raise PipelineError(f"params.yaml: external.sources item {number} ({name}): {path} does not exist")
+        name = entry["name"]
+        if name in seen:
+            raise PipelineError(f"params.yaml: external.sources item {number} repeats the name {name!r}; "
+                                f"give each set its own name")
+        if entry["path"] and not Path(entry["path"]).expanduser().exists():
+            raise PipelineError(f"params.yaml: external.sources item {number} ({name}): {entry['path']} "
+                                f"does not exist")
         seen.add(name)
-        checked.append({"name": name, "path": path})
-    return checked
+    return sources
 
 
-def load_source(path: Path, size: int, decode_all):
-    """The metadata (with labels) and decoded images of a HAM10000-layout source;
-    files that cannot be decoded are reported and left out."""
+def locate(entry: dict, settings: dict) -> Source:
+    """The files of one listed set; a ``download`` set is fetched into the cache first
+    (resumably, its SHA-256 recorded and later checked, as the download stage does)."""
+    if entry["path"]:
+        return Source(entry["name"], [Path(entry["path"]).expanduser()])
+    cache = Path(settings["cache_dir"]) / entry["download"]
+    paths, _ = isic2018.download_isic2018(settings["isic2018_url"], cache, retries=int(settings["retries"]),
+                                          session=requests.Session(), files=isic2018.ISIC2018_TEST_FILES)
+    images, truth = paths
+    log.info("%s: no lesion groupings are published for it, so its intervals resample images", entry["name"])
+    return Source(entry["name"], [images], isic2018.isic2018_metadata(truth, None))
+
+
+def load_labelled(paths: list[Path], size: int, decode_all, *, metadata: pd.DataFrame | None = None,
+                  metadata_origin: str = "", used: list[str] = (), select=None):
+    """The labelled images of a HAM10000-layout source, decoded as the pipeline decodes:
+    the rows that decoded (with ``label``), their pixels, the decoding errors and how many
+    images were listed. ``select`` may narrow the metadata first (a frame to a frame)."""
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
-            found = assemble.index(collector, collector.collect([path]))
-            frame = found.metadata
+            found = assemble.index(collector, collector.collect(paths), metadata_frame=metadata,
+                                   metadata_origin=metadata_origin, used=used)
+            frame = found.metadata if select is None else select(found.metadata).reset_index(drop=True)
             ok, pixels, errors = decode_all([found.images[image_id] for image_id in frame["image_id"]], size)
         finally:
             collector.close()
+    decoded = frame.iloc[ok].reset_index(drop=True)
+    return decoded.assign(label=decoded["dx"].map(CLASSES.index)), pixels, errors, len(frame)
+
+
+def load_source(source: Source, size: int, decode_all):
+    """The metadata (with labels) and decoded images of one set; files that cannot be
+    decoded are reported and left out."""
+    frame, pixels, errors, _ = load_labelled(source.paths, size, decode_all, metadata=source.metadata,
+                                             metadata_origin=source.name, used=source.used)
     for error in errors:
         log.warning("left out: %s", error)
-    frame = frame.iloc[ok].reset_index(drop=True)
-    return frame.assign(label=frame["dx"].map(CLASSES.index)), pixels
+    return frame, pixels
 
 
-def score_sources(model, info: dict, sources: list[dict], settings: dict, out: Path, decode_all) -> dict[str, dict]:
+def score_sources(model, info: dict, sources: list[Source], settings: dict, out: Path, decode_all) -> dict[str, dict]:
     """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name."""
     results = {}
     for source in sources:
-        frame, pixels = load_source(source["path"], info["image_size"], decode_all)
+        frame, pixels = load_source(source, info["image_size"], decode_all)
         if not len(frame):
-            raise PipelineError(f"external source {source['name']} ({source['path']}): no readable image")
-        results[source["name"]] = evaluate.evaluate_split(
+            raise PipelineError(f"external source {source.name} ({', '.join(map(str, source.paths))}): "
+                                f"no readable image")
+        results[source.name] = evaluate.evaluate_split(
             partial(inference.view_logits, model, info), info, frame, pixels, settings,
-            metrics_path=out / f"{source['name']}.json", plots_dir=out / source["name"],
-            progress=f"external {source['name']}")
+            metrics_path=out / f"{source.name}.json", plots_dir=out / source.name,
+            progress=f"external {source.name}")
     return results
