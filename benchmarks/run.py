@@ -122,8 +122,10 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
 
     model.eval()
     info = {"image_size": size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "classes": CLASSES}
+    # Scoring runs in float32 whatever train.precision says (so PyTorch and the ONNX export
+    # give the same probabilities): the baseline is the float32 forward pass.
     def forward_only_rate():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with torch.no_grad():
             return batch / timed(lambda: model(fixed), 2, steps, sync)
     forward_only = forward_only_rate()
     predict_rate = count / timed(
