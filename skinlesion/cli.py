@@ -11,6 +11,7 @@ half-written file.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import sys
@@ -26,6 +27,14 @@ log = logging.getLogger("skinlesion")
 
 FAILED, USAGE, INTERRUPTED = 1, 2, 130
 REPORT = "this is a bug in skinlesion, not a problem with your input: please report it with the traceback above"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error (exit 2)."""
+
+    def error(self, message):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(USAGE)
 
 
 def describe(error: BaseException, missing_hint: str = "check the path") -> str | None:

@@ -222,14 +222,6 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     return 1 if errors else 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error (exit 2)."""
-
-    def error(self, message):
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(cli.USAGE)
-
-
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -251,7 +243,7 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="a model file (models/model.pt) or its ONNX export (models/model.onnx)")
     parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips (with --score: one source)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")

@@ -207,3 +207,60 @@ def test_a_model_file_cannot_run_code(tmp_path):
     with pytest.raises(PipelineError, match="evil.pt: not a loadable model file"):
         modelfile.load(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def _predictions(path, labels, probabilities, ids):
+    frame = pd.DataFrame({"image_id": ids, **{f"p_{c}": probabilities[:, i] for i, c in enumerate(metrics.CLASSES)},
+                          "actual": [metrics.CLASSES[i] for i in labels]})
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _compare(*args):
+    return subprocess.run([sys.executable, "-m", "skinlesion.evaluation.compare", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_compare_gives_the_difference_of_two_sets_with_a_lesion_interval(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), 20)  # images 10k..10k+9 are lesion Lk, one class each
+    good = np.eye(7)[labels] * 0.8 + 0.2 / 7
+    wrong = np.repeat(rng.random(len(labels) // 10) < 0.4, 10)  # a lesion's 10 images are right or wrong together
+    noisy = np.where(wrong, (labels + 1) % 7, labels)
+    bad = np.eye(7)[noisy] * 0.8 + 0.2 / 7
+    ids = [f"ISIC_{i:07d}" for i in range(len(labels))]
+    a = _predictions(tmp_path / "a.csv", labels, good, ids)
+    b = _predictions(tmp_path / "b.csv", labels, bad, ids)
+    # first: each image its own lesion; then lesions of 10 images sharing one class
+    pd.DataFrame({"image_id": ids, "lesion_id": ids}).to_csv(tmp_path / "single.csv", index=False)
+    pd.DataFrame({"image_id": ids, "lesion_id": [f"L{i // 10}" for i in range(len(ids))]}).to_csv(
+        tmp_path / "grouped.csv", index=False)
+    widths = {}
+    for name in ("single", "grouped"):
+        result = _compare(a, b, "--lesions", tmp_path / f"{name}.csv", "--resamples", 300)
+        assert result.returncode == 0, result.stderr
+        gap = json.loads(result.stdout[:result.stdout.index("\n\n|")])["balanced_accuracy"]
+        expected = float(np.mean([(noisy[labels == c] == c).mean() for c in range(7)])) - 1.0
+        assert gap["a"] == 1.0 and gap["difference"] == pytest.approx(expected, abs=1e-4)
+        assert gap["ci95"]["low"] < gap["difference"] < gap["ci95"]["high"] < 0
+        widths[name] = gap["ci95"]["high"] - gap["ci95"]["low"]
+    assert widths["grouped"] > widths["single"]  # correlated images: fewer independent draws, wider interval
+    assert "| balanced_accuracy | 1.000 |" in result.stdout
+
+
+def test_compare_refuses_bad_input_in_one_line(tmp_path):
+    labels = np.arange(7)
+    a = _predictions(tmp_path / "a.csv", labels, np.eye(7), [f"ISIC_{i:07d}" for i in range(7)])
+    pd.DataFrame({"image_id": ["ISIC_0000000"], "lesion_id": ["L"]}).to_csv(tmp_path / "few.csv", index=False)
+    pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(7)], "lesion_id": "L"}).to_csv(tmp_path / "all.csv",
+                                                                                          index=False)
+    (tmp_path / "nolesion.csv").write_text("image_id\nISIC_0000000\n")
+    for args, code, message in [
+        ((a, a, "--lesions", tmp_path / "few.csv"), 2, "6 image_id(s) not in the --lesions CSV"),
+        ((a, a, "--lesions", tmp_path / "nolesion.csv"), 2, "no column(s) lesion_id"),
+        ((a, tmp_path / "absent.csv", "--lesions", tmp_path / "all.csv"), 1, "absent.csv: no such file"),
+        ((a, a), 2, "the following arguments are required: --lesions"),
+    ]:
+        result = _compare(*args)
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

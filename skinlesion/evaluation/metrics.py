@@ -240,3 +240,32 @@ def pr_points(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, list[d
             curves[name] = [{"recall": round(float(r), 6), "precision": round(float(p), 6)}
                             for r, p in zip(recall[::-1], precision[::-1])]
     return curves
+
+
+def difference_intervals(a: tuple, b: tuple, *, resamples: int, seed: int) -> dict:
+    """The headline figures of two scored sets (each ``(labels, probabilities, lesions)``)
+    and of ``b - a``, with 95 % intervals of the difference: each set's lesions are
+    resampled on their own (the sets are independent, e.g. two runs' test splits), and
+    the difference is taken draw by draw. When both are the same images, use the paired
+    difference instead (not this)."""
+    rng = np.random.default_rng(seed)
+    figures, draws = [], []
+    for labels, probabilities, lesions in (a, b):
+        labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
+        predicted = probabilities.argmax(axis=1)
+        figures.append(_flatten(_weighted_figures(labels, predicted, probabilities, np.ones(len(labels)), None)))
+        _, lesion_of = np.unique(np.asarray(lesions).astype(str), return_inverse=True)
+        count = lesion_of.max() + 1
+        drawn = []
+        for _ in range(resamples):
+            weight = np.bincount(rng.integers(0, count, count), minlength=count)[lesion_of].astype(float)
+            drawn.append(_flatten(_weighted_figures(labels, predicted, probabilities, weight, None)))
+        draws.append(drawn)
+    result = {}
+    for key in ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc"):
+        differences = np.array([y[key] - x[key] for x, y in zip(*draws)], dtype=float)
+        low, high = np.nanpercentile(differences, [2.5, 97.5])
+        result[key] = {"a": round(figures[0][key], 4), "b": round(figures[1][key], 4),
+                       "difference": round(figures[1][key] - figures[0][key], 4),
+                       "ci95": {"low": round(float(low), 4), "high": round(float(high), 4)}}
+    return result
