@@ -213,7 +213,7 @@ def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
 
 def markdown(result: dict) -> str:
     lines = ["| model | px | batch | device | precision | augment | train img/s | model-only img/s | ratio | loader img/s "
-             "| predict img/s | forward-only img/s | ratio |", "|" + "---|" * 13]
+             "| predict img/s | forward-only fp32 img/s | ratio |", "|" + "---|" * 13]
     for row in result["models"]:
         lines.append(f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['device']}"
                      f"{' compiled' if row['compiled'] else ''} | {row['precision']} | {row['augment']} | "

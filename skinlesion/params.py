@@ -204,10 +204,12 @@ class ExternalSource(Group):
     downloads (``download: isic2018_test``, the ISIC 2018 Task 3 test set)."""
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     path: str = ""
-    download: Literal["", "isic2018_test"] = ""
+    download: Literal["isic2018_test"] | None = None
 
     @model_validator(mode="after")
     def _one_origin(self):
+        if self.name == "sources":  # plots/external/sources.json lists the sets
+            raise ValueError("external source name 'sources' is reserved; choose another name")
         if bool(self.path) == bool(self.download):
             raise ValueError(f"external source {self.name!r} needs either a path (a folder or zip in HAM10000 "
                              f"layout) or download: isic2018_test, not {'both' if self.path else 'neither'}")
@@ -309,6 +311,9 @@ def _message(schema, prefix: str, error: dict) -> str:
         return f"params.yaml: {dotted} is {shown}; expected {'a whole number' if whole else 'a number'} {_range(constraints)}"
     if kind == "value_error":
         return f"params.yaml: {error['msg'].removeprefix('Value error, ')}"
+    if kind == "string_pattern_mismatch":
+        return (f"params.yaml: {dotted} is {shown}; use letters, digits, '_', '-' and '.', starting with a "
+                f"letter or digit")
     if kind == "too_short":
         return f"params.yaml: {dotted} is {shown}; expected a non-empty list"
     names = {"int": "a whole number", "float": "a number", "string": "text", "bool": "true or false",

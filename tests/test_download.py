@@ -216,3 +216,6 @@ def test_isic2018_ground_truth_problems_are_one_line_errors(tmp_path):
     groupings.write_text("image,lesion_id\nISIC_0000001,HAM_1\n")
     with pytest.raises(PipelineError, match="groupings.csv: no lesion_id for 1 image\\(s\\): ISIC_0000002"):
         isic2018_metadata(truth, groupings)
+    truth.write_bytes(b"<html>not found</html>")  # e.g. an error page saved under the zip's name
+    with pytest.raises(PipelineError, match="truth.zip: not a readable ground-truth zip .*delete it and run again"):
+        isic2018_metadata(truth, None)

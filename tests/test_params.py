@@ -86,6 +86,14 @@ def test_every_stage_script_reads_only_its_own_groups():
     ("train.ema", 1.0, r"train.ema is 1.0; expected a number in \[0, 1\)"),
     ("train.precision", "int8", "train.precision is 'int8'; expected one of auto, fp32, bf16 or fp16"),
     ("calibrate.adjust", "f1", "calibrate.adjust is 'f1'; expected one of none, balanced_accuracy or mean_accuracy"),
+    ("external.sources", [{"name": "a b", "path": "x"}],
+     r"external.sources.0.name is 'a b'; use letters, digits, '_', '-' and '.', starting with a letter or digit"),
+    ("external.sources", [{"name": "isic", "download": "isic2019"}],
+     r"external.sources.0.download is 'isic2019'; expected one of isic2018_test"),
+    ("external.sources", [{"name": "both", "path": "x", "download": "isic2018_test"}],
+     r"external source 'both' needs either a path .* not both"),
+    ("external.sources", [{"name": "neither"}], r"external source 'neither' needs either a path .* not neither"),
+    ("external.sources", [{"name": "sources", "path": "x"}], r"external source name 'sources' is reserved"),
 ])
 def test_a_bad_param_stops_its_stage_with_one_line_naming_it_and_its_range(tmp_path, key, value, message):
     import shutil

@@ -68,13 +68,17 @@ def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path | None) -> pd.
     """HAM10000-style metadata from the ISIC 2018 one-hot ground truth and the lesion
     groupings (age, sex and localization are not published there and stay empty).
     Without groupings (the test set), each image is its own lesion."""
-    with zipfile.ZipFile(ground_truth_zip) as archive:
-        tables = [n for n in archive.namelist() if n.lower().endswith(".csv")]
-        if len(tables) != 1:
-            raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {tables}")
-        check_member_name(ground_truth_zip.name, tables[0])
-        with archive.open(tables[0]) as handle:
-            truth = pd.read_csv(handle)
+    try:
+        with zipfile.ZipFile(ground_truth_zip) as archive:
+            tables = [n for n in archive.namelist() if n.lower().endswith(".csv")]
+            if len(tables) != 1:
+                raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {tables}")
+            check_member_name(ground_truth_zip.name, tables[0])
+            with archive.open(tables[0]) as handle:
+                truth = pd.read_csv(handle)
+    except (zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{ground_truth_zip}: not a readable ground-truth zip ({str(error).splitlines()[0]}); "
+                            f"delete it and run again to download it afresh") from None
     columns = [name.upper() for name in CLASSES]
     missing = [c for c in ["image", *columns] if c not in truth.columns]
     if missing:
