@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from skinlesion import PipelineError
+from skinlesion.data import patient
 from skinlesion.files import write_bytes
 from skinlesion.training import models
 
@@ -19,11 +20,14 @@ FORMAT = "skinlesion-model/1"
 
 
 def save(path: str | Path, model: models.Classifier, *, architecture: str, settings: dict, head: dict,
-         classes, image_size: int, mean, std, training: dict) -> None:
+         classes, image_size: int, mean, std, training: dict, patient: dict | None = None) -> None:
+    """``patient``: the metadata encoding (skinlesion.data.patient) of a model that takes it."""
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "architecture": architecture, "settings": dict(settings), "head": dict(head),
                "classes": list(classes), "image_size": int(image_size), "mean": list(mean), "std": list(std),
                "training": dict(training), "state_dict": state}
+    if patient is not None:  # absent, not None, otherwise: files of models without it keep their bytes
+        payload["patient"] = dict(patient)
     _write(path, payload)
 
 
@@ -103,7 +107,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.C
     """The model (in eval mode, on ``device``) and its description."""
     payload = _read(Path(path))
     model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
-                         image_size=payload["image_size"], settings=payload["settings"], head=payload["head"])
+                         image_size=payload["image_size"], settings=payload["settings"], head=payload["head"],
+                         patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as error:

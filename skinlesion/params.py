@@ -178,6 +178,7 @@ class Train(Group):
     ema: Rate
     select: Literal["macro_auc", "log_loss", "balanced_accuracy"]
     logit_adjust: NonNegative
+    metadata: bool = False
 
 
 class Calibrate(Group):

@@ -69,16 +69,21 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
 
 
 def classify(logits_of, info: dict, members: list[archives.Member], batch_size: int,
-             desc: str) -> tuple[list[int], np.ndarray, list[str]]:
+             desc: str, patient: pd.DataFrame | None = None) -> tuple[list[int], np.ndarray, list[str]]:
     """Decode and classify ``members`` a chunk at a time; returns the indices that
-    worked, their probabilities, and one error line per file that did not."""
+    worked, their probabilities, and one error line per file that did not. ``patient``:
+    the metadata table (indexed by image_id, the file name's stem) for a model that takes it."""
     ok, parts, errors = [], [], []
     with bar(total=len(members), desc=desc, unit="img") as progress:
         for start in range(0, len(members), CHUNK):
             chunk = members[start:start + CHUNK]
             found, pixels, failed = decode_all(chunk, info["image_size"])
             how = inference.scoring(info)
-            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size),
+            extra = {}
+            if patient is not None:
+                ids = [Path(chunk[i].name).stem for i in found]
+                extra["patient"] = inference.patient_rows(info, patient.loc[ids].reset_index(drop=True))
+            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size, **extra),
                                                  how).astype(np.float32))
             ok += [start + i for i in found]
             errors += failed
@@ -139,10 +144,32 @@ def to_classify(members: list[archives.Member], out: Path, include_masks: bool) 
     return kept
 
 
+def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFrame | None:
+    """The --metadata table, indexed by image_id, when the model takes the patient's
+    metadata; a one-line refusal when one is missing or not wanted."""
+    needed = bool(info.get("patient"))
+    if needed and path is None:
+        raise PipelineError(f"{model_path} takes the patient's metadata beside each image; give --metadata CSV "
+                            f"with columns image_id, age, sex, localization (blank or 'unknown' where not known)")
+    if not needed:
+        if path is not None:
+            raise PipelineError(f"--metadata: {model_path} takes no patient metadata; leave the option out")
+        return None
+    fix = "give a CSV with columns image_id, age, sex, localization"
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PipelineError(f"--metadata {path}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") from None
+    if "image_id" not in table:
+        raise PipelineError(f"--metadata {path}: no image_id column; {fix}")
+    return table.drop_duplicates("image_id", keep="last").set_index("image_id")
+
+
 def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int, *,
-                  include_masks: bool = False) -> int:
+                  include_masks: bool = False, metadata: Path | None = None) -> int:
     check_output(out, "predictions.csv")
     logits_of, info = load_predictor(model_path)
+    patient = read_patient(metadata, info, model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
@@ -150,8 +177,13 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
             if not members:
                 raise PipelineError(f"no files to classify in {', '.join(map(str, inputs))}; give images, "
                                     f"folders or zips of them")
+            if patient is not None:
+                absent = sorted({Path(m.name).stem for m in members} - set(patient.index))
+                if absent:
+                    raise PipelineError(f"--metadata {metadata}: no row for {len(absent)} image(s), e.g. {absent[0]}; "
+                                        f"add a row per image (blank values are allowed)")
             log.info("classifying %d file(s)", len(members))
-            ok, probabilities, errors = classify(logits_of, info, members, batch_size, "predict")
+            ok, probabilities, errors = classify(logits_of, info, members, batch_size, "predict", patient)
         finally:
             collector.close()
     frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
@@ -251,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=Path, help="with --score: only the image_ids of this CSV (e.g. data/split/test.csv)")
     parser.add_argument("--include-masks", action="store_true",
                         help="classify lesion masks (*_segmentation.png) too; they are skipped by default")
+    parser.add_argument("--metadata", type=Path,
+                        help="for a model trained with train.metadata: a CSV of image_id, age, sex, localization")
     parser.add_argument("--batch-size", type=_count, default=128)
     parser.add_argument("--mel-specificity", type=_fraction, default=0.9)
     args = parser.parse_args(argv)
@@ -262,11 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise PipelineError("--score takes one source (a folder or zip in HAM10000 layout)")
             if args.include_masks:
                 raise PipelineError("--include-masks applies to predictions, not to --score")
+            if args.metadata is not None:
+                raise PipelineError("--metadata applies to predictions; --score reads the source's own metadata CSV")
             return score_source(args.model, args.inputs[0], args.labels, args.out, args.batch_size,
                                 args.mel_specificity)
         if args.labels is not None:
             raise PipelineError("--labels applies only with --score")
-        return predict_files(args.model, args.inputs, args.out, args.batch_size, include_masks=args.include_masks)
+        return predict_files(args.model, args.inputs, args.out, args.batch_size, include_masks=args.include_masks,
+                             metadata=args.metadata)
 
     return cli.guarded("", work, input_error=cli.USAGE)
 

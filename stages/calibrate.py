@@ -23,7 +23,7 @@ def main(params):
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
     logits = inference.view_logits(model, info, images, tta=settings["tta"], batch_size=settings["batch_size"],
-                                   progress="calibrate")
+                                   progress="calibrate", patient=inference.patient_rows(info, val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])

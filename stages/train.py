@@ -19,7 +19,8 @@ def main(params):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "stages.train"]
         sys.exit(subprocess.call(command))
-    data = train.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"))
+    data = train.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"),
+                           metadata=params["train"]["metadata"])
     config = {"model": params["model"], "models": params["models"], "train": params["train"]}
     train.fit(config, data, model_path=Path("models/trained.pt"), live_dir=Path("metrics/train"),
                  checkpoint_dir=Path("models/checkpoints"))

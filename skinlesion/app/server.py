@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skinlesion import modelfile, plots
+from skinlesion import PipelineError, modelfile, plots
 from skinlesion.data import archives
 from skinlesion.evaluation import explain, inference
 from skinlesion.predict import decode_all
@@ -46,6 +46,9 @@ class Analyst:
 
     def __init__(self, model_path: Path):
         self.model, self.info = modelfile.load(model_path)
+        if self.info.get("patient"):
+            raise PipelineError(f"{model_path} takes the patient's metadata beside each image, which the page does "
+                                f"not ask for yet; use python -m skinlesion.predict with --metadata")
         self.scoring = inference.scoring(self.info)
         self.lock = threading.Lock()
 

@@ -20,7 +20,8 @@ SPLITS = ("train", "val", "test")
 def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
           group_by: str = "lesion") -> dict[str, pd.DataFrame]:
     """Return the image manifests {train, val, test}, each sorted by image_id with
-    columns image_id, lesion_id, dx, label.
+    columns image_id, lesion_id, dx, label and the patient's age, sex and localization
+    (for ``train.metadata``; blank where the source has none).
 
     ``group_by="image"`` splits images as if each were its own lesion: the common,
     leaky protocol, kept only to measure what it inflates."""
@@ -44,6 +45,9 @@ def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: 
         part = frame[frame[key].isin(set(members))].loc[:, ["image_id", "lesion_id", "dx"]]
         part = part.sort_values("image_id", kind="stable").reset_index(drop=True)
         part["label"] = part["dx"].map(CLASSES.index)
+        patient = frame.set_index("image_id").reindex(part["image_id"])
+        for column in ("age", "sex", "localization"):
+            part[column] = patient[column].to_numpy() if column in patient else ""
         absent = [dx for dx in CLASSES if dx not in set(part["dx"])]
         if absent:
             raise PipelineError(f"the {name} split has no lesion of class(es) {', '.join(absent)}; "

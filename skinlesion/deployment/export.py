@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from skinlesion import PipelineError
+from skinlesion.data import patient
 from skinlesion.deployment import runtime
-from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT
+from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT, PATIENT
 from skinlesion.evaluation.inference import normalise
 from skinlesion.files import atomic_path
 
@@ -49,6 +50,13 @@ class Normalised(nn.Module):
         return self.model((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std)
 
 
+class NormalisedWithPatient(Normalised):
+    """``Normalised`` for a model that also takes the encoded patient metadata."""
+
+    def forward(self, images: torch.Tensor, patient: torch.Tensor) -> torch.Tensor:
+        return self.model((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std, patient)
+
+
 def metadata(info: dict) -> dict[str, str]:
     """The model file's description, as the ONNX file's metadata."""
     size = int(info["image_size"])
@@ -58,6 +66,9 @@ def metadata(info: dict) -> dict[str, str]:
              "output": f"{OUTPUT}: float32 N x {len(info['classes'])} raw logits, before the scoring"}
     if info.get("scoring"):
         props["scoring"] = json.dumps(info["scoring"], sort_keys=True)
+    if info.get("patient"):
+        props["patient"] = json.dumps(info["patient"], sort_keys=True)
+        props["input"] += f"; {PATIENT}: float32 N x {patient.width(info['patient'])}, the encoded metadata"
     return props
 
 
@@ -66,21 +77,36 @@ def _example(size: int, batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
 
 
+def _example_patient(info: dict, batch: int) -> tuple[torch.Tensor, ...]:
+    """Encoded metadata rows for a model that takes them (ages spread, sites cycled), else ()."""
+    if not info.get("patient"):
+        return ()
+    import pandas as pd
+
+    spec = info["patient"]
+    frame = pd.DataFrame({"age": [str(20 + 15 * i) for i in range(batch)],
+                          "sex": [spec["sex"][i % len(spec["sex"])] for i in range(batch)],
+                          "localization": [spec["localization"][i % len(spec["localization"])] for i in range(batch)]})
+    return (torch.from_numpy(patient.encode(frame, spec)),)
+
+
 def to_onnx(model: nn.Module, info: dict, example_batch: int = 2) -> onnx.ModelProto:
     """The model (in eval mode) with its metadata as an ONNX model whose batch axis is free."""
-    wrapper = Normalised(model, info["mean"], info["std"]).eval()
-    example = (_example(int(info["image_size"]), example_batch),)
+    wrapper = (NormalisedWithPatient if info.get("patient") else Normalised)(model, info["mean"], info["std"]).eval()
+    example = (_example(int(info["image_size"]), example_batch), *_example_patient(info, example_batch))
     name = info["architecture"]
+    batch = torch.export.Dim("batch", min=1)
+    shapes = {"images": {0: batch}, **({"patient": {0: batch}} if len(example) > 1 else {})}
+    names = [INPUT, PATIENT][:len(example)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notes on its own internals
             # Strict (TorchDynamo) tracing keeps `len(tensor)` symbolic; the default non-strict
             # trace turns it into the example's batch size (the ResNet-Transformer's class token).
-            program = torch.export.export(wrapper, example, strict=True,
-                                          dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+            program = torch.export.export(wrapper, example, strict=True, dynamic_shapes=shapes)
             # optimize=False: ONNX Script's optimiser (0.7) drops an Add of any constant within
             # 1e-8 of zero, which removes FixCaps' squash epsilon and moves its logits by ~1e-3.
-            exported = torch.onnx.export(program, example, input_names=[INPUT], output_names=[OUTPUT],
+            exported = torch.onnx.export(program, example, input_names=names, output_names=[OUTPUT],
                                          opset_version=OPSET, dynamo=True, external_data=False, optimize=False,
                                          verbose=False)
     except Exception as error:  # noqa: BLE001 - whatever the exporter refuses is reported on one line
@@ -99,9 +125,10 @@ def largest_difference(proto_or_path, model: nn.Module, info: dict, batch: int =
     images (a batch size other than the example's, so the free batch axis is exercised)."""
     session, _ = runtime.load(proto_or_path)
     images = _example(int(info["image_size"]), batch).numpy()
-    got = session.run([OUTPUT], {INPUT: images})[0]
+    extra = _example_patient(info, batch)
+    got = session.run([OUTPUT], {INPUT: images, **({PATIENT: extra[0].numpy()} if extra else {})})[0]
     with torch.no_grad():
-        expected = model.eval()(normalise(images, info, "cpu")).float().numpy()
+        expected = model.eval()(normalise(images, info, "cpu"), *extra).float().numpy()
     return float(np.abs(got - expected).max())
 
 

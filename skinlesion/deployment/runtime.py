@@ -21,6 +21,7 @@ from skinlesion.progress import bar
 
 FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
 INPUT, OUTPUT = "images", "logits"
+PATIENT = "patient"  # the second input of a model that takes the patient's metadata
 TTA = ("none", "flips", "dihedral")
 
 
@@ -47,6 +48,8 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
             "std": json.loads(props["std"])}
     if "scoring" in props:
         info["scoring"] = json.loads(props["scoring"])
+    if "patient" in props:
+        info["patient"] = json.loads(props["patient"])
     return session, info
 
 
@@ -61,8 +64,12 @@ def _views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
 
 
 def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, tta: str,
-                batch_size: int = 128, progress: str | None = None) -> np.ndarray:
-    """V x N x classes raw logits, one slice per test-time view of ``tta``."""
+                batch_size: int = 128, progress: str | None = None, patient: np.ndarray | None = None) -> np.ndarray:
+    """V x N x classes raw logits, one slice per test-time view of ``tta``; ``patient``:
+    the encoded metadata rows, for a model that takes them."""
+    if bool(info.get("patient")) != (patient is not None):
+        raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
+                            "given" if info.get("patient") else "this model takes no patient metadata")
     if tta not in TTA:
         raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
     size = info["image_size"]
@@ -73,7 +80,8 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
-        out.append(np.stack([session.run([OUTPUT], {INPUT: view})[0] for view in _views(batch, tta)]))
+        extra = {} if patient is None else {PATIENT: np.asarray(patient[start:start + batch_size], np.float32)}
+        out.append(np.stack([session.run([OUTPUT], {INPUT: view, **extra})[0] for view in _views(batch, tta)]))
     return np.concatenate(out, axis=1)
 
 
@@ -83,8 +91,9 @@ def scoring(info: dict) -> dict:
 
 
 def predict(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
-            progress: str | None = None) -> np.ndarray:
+            progress: str | None = None, patient: np.ndarray | None = None) -> np.ndarray:
     """N x classes probabilities, scored as the exported model file says."""
     how = scoring(info)
-    logits = view_logits(session, info, images, tta=how["tta"], batch_size=batch_size, progress=progress)
+    logits = view_logits(session, info, images, tta=how["tta"], batch_size=batch_size, progress=progress,
+                         patient=patient)
     return calibrate.probabilities(logits, how).astype(np.float32)

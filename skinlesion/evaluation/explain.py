@@ -27,8 +27,8 @@ def _as_map(tensor: torch.Tensor) -> torch.Tensor:
     raise PipelineError(f"Grad-CAM layer output has shape {tuple(tensor.shape)}; expected a feature map")
 
 
-def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: torch.Tensor | None = None
-             ) -> tuple[np.ndarray, torch.Tensor]:
+def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: torch.Tensor | None = None,
+             patient: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Heat maps in [0, 1] of the images' own size (N x H x W), for class ``target``
     (default: the predicted class), from the layer the model names as ``cam_layer``.
     Returns the maps and the logits."""
@@ -47,7 +47,7 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     try:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)  # gradients flow even through a frozen backbone
-            logits = model(images)
+            logits = model(images) if patient is None else model(images, patient)
             if target is None:
                 target = logits.argmax(dim=1)
             model.zero_grad(set_to_none=True)
@@ -82,7 +82,8 @@ def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | Non
 
 
 def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
-                *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None):
+                *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
+                patient: np.ndarray | None = None):
     """Heat maps for every image (its predicted class, scored as the model file says,
     as target) and, where a mask exists, its lesion scores. Returns per-image rows and
     the heat maps of the indices in ``keep`` (for overlays)."""
@@ -93,9 +94,10 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         pixels = images[start:start + batch_size]
-        predicted = predict(model, info, pixels, batch_size=batch_size).argmax(axis=1)
+        rows = None if patient is None else patient[start:start + batch_size]
+        predicted = predict(model, info, pixels, batch_size=batch_size, patient=rows).argmax(axis=1)
         cams, _ = heatmaps(model, normalise(pixels, info, "cpu"), method=method,
-                           target=torch.from_numpy(predicted))
+                           target=torch.from_numpy(predicted), patient=None if rows is None else torch.from_numpy(rows))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None

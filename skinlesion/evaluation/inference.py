@@ -40,10 +40,22 @@ def scoring(info: dict) -> dict:
     return {**calibrate.IDENTITY, **(info.get("scoring") or {})}
 
 
+def patient_rows(info: dict, frame) -> np.ndarray | None:
+    """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
+    model that takes it (its file records the encoding), else None."""
+    if not info.get("patient"):
+        return None
+    from skinlesion.data import patient
+
+    return patient.encode(frame, info["patient"])
+
+
 @torch.no_grad()
 def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
-                device: str | torch.device = "cpu", progress: str | None = None) -> np.ndarray:
-    """V x N x classes raw logits, one slice per test-time view of ``tta``."""
+                device: str | torch.device = "cpu", progress: str | None = None,
+                patient: np.ndarray | None = None) -> np.ndarray:
+    """V x N x classes raw logits, one slice per test-time view of ``tta``; ``patient``:
+    the images' encoded metadata, for a model that takes it (the same row for every view)."""
     if tta not in TTA:
         raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
     size = info["image_size"]
@@ -54,17 +66,18 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
-        out.append(torch.stack([model(view).float() for view in _views(batch, tta)]).cpu())
+        extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
+        out.append(torch.stack([model(view, *extra).float() for view in _views(batch, tta)]).cpu())
     if not out:
         return np.zeros((len(_views(torch.zeros(1, 3, 1, 1), tta)), 0, len(info["classes"])), dtype=np.float32)
     return torch.cat(out, dim=1).numpy()
 
 
 def predict(model, info: dict, images: np.ndarray, *, batch_size: int = 128, device: str | torch.device = "cpu",
-            progress: str | None = None) -> np.ndarray:
+            progress: str | None = None, patient: np.ndarray | None = None) -> np.ndarray:
     """N x classes probabilities for uint8 images at the model's input size, scored as
     the model file says (TTA, logit adjustment, temperature)."""
     how = scoring(info)
     logits = view_logits(model, info, images, tta=how["tta"], batch_size=batch_size, device=device,
-                         progress=progress)
+                         progress=progress, patient=patient)
     return calibrate.probabilities(logits, how).astype(np.float32)

@@ -72,7 +72,8 @@ def shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 class ArrayLoader:
-    """Iterates ``(images, labels)`` batches: float, normalised, N x 3 x S x S.
+    """Iterates ``(images, labels)`` batches: float, normalised, N x 3 x S x S; with
+    ``patient`` (one encoded metadata row per image), ``(images, labels, patient)``.
 
     The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run
     draws exactly the batches an uninterrupted one would have. With ``world`` > 1
@@ -82,8 +83,10 @@ class ArrayLoader:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
                  device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
-                 weights: np.ndarray | None = None, rank: int = 0, world: int = 1):
+                 weights: np.ndarray | None = None, rank: int = 0, world: int = 1,
+                 patient: np.ndarray | None = None):
         self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.patient = None if patient is None else torch.as_tensor(np.asarray(patient, dtype=np.float32))
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
         self.batch_size = batch_size
         self.device = device
@@ -126,4 +129,8 @@ class ArrayLoader:
             elif self.augment == "strong":
                 batch = affine_and_colour(batch, generator)
             batch = normalise(batch, self.mean, self.std)
-            yield batch, self.labels[index].to(self.device, non_blocking=True)
+            labels = self.labels[index].to(self.device, non_blocking=True)
+            if self.patient is None:
+                yield batch, labels
+            else:
+                yield batch, labels, self.patient[index].to(self.device, non_blocking=True)

@@ -34,24 +34,52 @@ class Head(nn.Module):
         else:
             self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         if features.dim() == 4:
             features = features.mean(dim=(2, 3))
+        if extra is not None:
+            features = torch.cat([features, extra.to(features.dtype)], dim=1)
         return self.mlp(features)
+
+    @property
+    def in_features(self) -> int:
+        return next(layer for layer in self.mlp if isinstance(layer, nn.Linear)).in_features
+
+
+PATIENT_FEATURES = 32  # the patient MLP's output, joined to the pooled image features
 
 
 class Classifier(nn.Module):
     """``head(backbone(x))``; ``cam_layer`` names the module whose activations
-    Grad-CAM explains (the last spatial feature map)."""
+    Grad-CAM explains (the last spatial feature map). With ``fuse_patient`` the head
+    also takes an MLP of the patient's encoded metadata (``forward(images, patient)``)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, cam_layer: str):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.cam_layer = cam_layer
+        self.patient = None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+    def fuse_patient(self, width: int) -> None:
+        """Feed ``width`` metadata features beside the image: a small MLP whose output
+        is joined to the pooled image features before the head's layers."""
+        if not isinstance(self.head, Head):
+            raise PipelineError("train.metadata needs a model with a dense head; this architecture has its own")
+        old = self.head
+        hidden = old.mlp[-1].in_features if len(old.mlp) == 4 else 0
+        dropout = next(layer.p for layer in old.mlp if isinstance(layer, nn.Dropout))
+        self.head = Head(old.in_features + PATIENT_FEATURES, old.mlp[-1].out_features, hidden, dropout)
+        self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True))
+
+    def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.backbone(images)
+        if self.patient is None:
+            return self.head(features)
+        if patient is None:
+            raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; "
+                                "none was given")
+        return self.head(features, self.patient(patient))
 
 
 # --- pretrained torchvision backbones --------------------------------------------
@@ -285,16 +313,20 @@ ARCHITECTURES = {
 
 
 def build(name: str, *, num_classes: int, image_size: int, settings: dict, head: dict,
-          pretrained: bool = False, weights_path: str | None = None) -> Classifier:
+          pretrained: bool = False, weights_path: str | None = None, patient_width: int = 0) -> Classifier:
     """Build architecture ``name`` with its own ``settings`` (the ``models.<name>``
-    params) and the ``head`` params (``hidden``, ``dropout``)."""
+    params) and the ``head`` params (``hidden``, ``dropout``); with ``patient_width``,
+    fused with that many metadata features."""
     if name not in ARCHITECTURES:
         raise PipelineError(f"model is '{name}'; expected one of {', '.join(ARCHITECTURES)}")
     try:
-        return ARCHITECTURES[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
-                                   **(settings or {}))
+        model = ARCHITECTURES[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
+                                    **(settings or {}))
     except TypeError as error:
         raise PipelineError(f"models.{name}: {error}") from None
+    if patient_width:
+        model.fuse_patient(patient_width)
+    return model
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion.data import patient
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation.metrics import headline
 from skinlesion.files import atomic_path
@@ -46,14 +47,18 @@ class TrainData:
     val_images: np.ndarray
     val_labels: np.ndarray
     fingerprint: str
+    train_patient: np.ndarray | None = None  # encoded metadata rows (train.metadata), else None
+    val_patient: np.ndarray | None = None
 
     @property
     def image_size(self) -> int:
         return self.train_images.shape[1]
 
 
-def load_data(balanced: Path, split: Path, prepared: Path) -> TrainData:
-    """The balanced train set and the untouched validation split, decoded, in memory."""
+def load_data(balanced: Path, split: Path, prepared: Path, metadata: bool = False) -> TrainData:
+    """The balanced train set and the untouched validation split, decoded, in memory;
+    with ``metadata``, each image's patient metadata encoded (from the split's CSVs)."""
+    metadata_csv = split / "train.csv" if metadata else None
     manifest = pd.read_csv(balanced / "train.csv", dtype={"image_id": str})
     train_images = np.load(balanced / "images.npy")
     val = pd.read_csv(split / "val.csv", dtype={"image_id": str})
@@ -68,8 +73,28 @@ def load_data(balanced: Path, split: Path, prepared: Path) -> TrainData:
         digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     digest.update(manifest["label"].to_numpy().tobytes())
     digest.update(val["label"].to_numpy().tobytes())
-    return TrainData(train_images, manifest["label"].to_numpy(), val_images, val["label"].to_numpy(),
+    data = TrainData(train_images, manifest["label"].to_numpy(), val_images, val["label"].to_numpy(),
                      digest.hexdigest())
+    if metadata_csv is not None:
+        data.train_patient = patient_rows(manifest, metadata_csv)
+        data.val_patient = patient.encode(val, patient.encoding())
+        digest.update(data.train_patient.tobytes())
+        digest.update(data.val_patient.tobytes())
+        data.fingerprint = digest.hexdigest()
+    return data
+
+
+def patient_rows(frame: pd.DataFrame, metadata_csv: Path) -> np.ndarray:
+    """The encoded metadata of ``frame``'s images, looked up by image_id in
+    ``metadata_csv`` (an augmented copy in the balanced set keeps its source's id)."""
+    table = pd.read_csv(metadata_csv, dtype=str, keep_default_na=False).drop_duplicates("image_id")
+    table = table.set_index("image_id")
+    ids = frame["image_id"]
+    missing = sorted(set(ids) - set(table.index))
+    if missing:
+        raise PipelineError(f"{metadata_csv}: no row for {len(missing)} image(s), e.g. {missing[0]}; "
+                            f"rerun `dvc repro balance`")
+    return patient.encode(table.loc[ids.to_numpy()].reset_index(drop=True), patient.encoding())
 
 
 def sampling_weights(labels: np.ndarray, sampler: str) -> np.ndarray | None:
@@ -150,8 +175,11 @@ def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
     if not ranks.main:
         log.setLevel(logging.WARNING)
     seed_everything(train["seed"], train["deterministic"], device)
+    if train["metadata"] != (data.train_patient is not None):
+        raise PipelineError("train.metadata and the data loaded disagree; load the metadata with the train split")
     model = models.build(name, num_classes=len(CLASSES), image_size=data.image_size, settings=settings,
-                         head=head, pretrained=train["pretrained"], weights_path=train["weights_path"])
+                         head=head, pretrained=train["pretrained"], weights_path=train["weights_path"],
+                         patient_width=patient.width(patient.encoding()) if train["metadata"] else 0)
     amp = amp_dtype(train["precision"], device)
     model = models.channels_last(model.to(device))
     if train["freeze"] and name in ("simple_cnn", "fixcaps"):
@@ -164,8 +192,10 @@ def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
     common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device,
               "rank": ranks.rank, "world": ranks.world}
     train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
-                               shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights, **common)
-    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"], **common)
+                               shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights,
+                               patient=data.train_patient, **common)
+    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"],
+                             patient=data.val_patient, **common)
     criterion = losses.build(train["loss"], weighted=train["class_weights"], label_smoothing=train["label_smoothing"],
                              gamma=train["focal_gamma"], labels=data.train_labels, num_classes=len(CLASSES),
                              logit_adjust=train["logit_adjust"],
@@ -244,9 +274,9 @@ def train_epoch(run: Run, epoch: int) -> dict:
     predictions, targets = [], []
     progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train['epochs']}", unit="batch", leave=False,
                    disable=None if run.ranks.main else True)
-    for images, labels in progress:
+    for images, labels, *patient_rows in progress:
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-            logits = run.net(images)
+            logits = run.net(images, *patient_rows)
             loss = run.criterion(logits.float(), labels)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -279,9 +309,9 @@ def probabilities(model, loader: ArrayLoader, amp) -> tuple[np.ndarray, float]:
     """Class probabilities for every image of ``loader``, and the mean loss."""
     model.eval()
     outputs, total, count = [], 0.0, 0
-    for images, labels in loader:
+    for images, labels, *patient_rows in loader:
         with torch.autocast(loader.device.type, dtype=amp, enabled=amp is not None):
-            logits = model(images)
+            logits = model(images, *patient_rows)
         logits = logits.float()
         total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         count += len(labels)
@@ -329,7 +359,8 @@ def keep_best(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_
             modelfile.save(model_path, run.evaluated, architecture=run.name, settings=run.settings,
                            head=run.head, classes=CLASSES, image_size=run.data.image_size,
                            mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
-                           training={"epoch": epoch, **state["best"]})
+                           training={"epoch": epoch, **state["best"]},
+                           patient=patient.encoding() if train["metadata"] else None)
             with atomic_path(best_copy) as tmp:
                 shutil.copyfile(model_path, tmp)
     else:
