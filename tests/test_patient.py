@@ -15,7 +15,7 @@ from PIL import Image
 from skinlesion import PipelineError, modelfile
 from skinlesion.data import patient
 from skinlesion.deployment import export, runtime
-from skinlesion.evaluation import inference
+from skinlesion.evaluation import explain, inference
 from skinlesion.training import train
 from tests.test_training import config, fit
 
@@ -73,6 +73,12 @@ def test_its_model_file_records_the_encoding_and_scoring_needs_the_metadata(lear
     assert (predicted == labels).mean() > 0.9
     with pytest.raises(PipelineError, match="takes the patient's metadata"):
         inference.predict(model, info, images)
+    masks = np.zeros(images.shape[:3], np.uint8)
+    masks[:, 8:24, 8:24] = 1
+    scored, _ = explain.score_split(model, info, images[:20], masks[:20], np.ones(20, bool), method="gradcam",
+                                    batch_size=8, patient=rows[:20])
+    assert [row["predicted"] for row in scored] == predicted[:20].tolist()
+    assert all(0 <= row["energy_in_lesion"] <= 1 for row in scored)
 
 
 def test_its_onnx_export_takes_the_metadata_as_a_second_input(learned, tmp_path):

@@ -94,10 +94,10 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         pixels = images[start:start + batch_size]
-        rows = None if patient is None else patient[start:start + batch_size]
-        predicted = predict(model, info, pixels, batch_size=batch_size, patient=rows).argmax(axis=1)
-        cams, _ = heatmaps(model, normalise(pixels, info, "cpu"), method=method,
-                           target=torch.from_numpy(predicted), patient=None if rows is None else torch.from_numpy(rows))
+        metadata = None if patient is None else patient[start:start + batch_size]
+        predicted = predict(model, info, pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
+        cams, _ = heatmaps(model, normalise(pixels, info, "cpu"), method=method, target=torch.from_numpy(predicted),
+                           patient=None if metadata is None else torch.from_numpy(metadata))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None
