@@ -229,8 +229,11 @@ def test_ctrl_c_stops_the_prediction_command_with_130_and_no_output(kit, tmp_pat
     for number in range(1, 3000):  # long enough to be interrupted: a few seconds of decoding
         os.link(folder / "0.jpg", folder / f"{number}.jpg")
     env = {**os.environ, "SKINLESION_PROGRESS": "0", "PYTHONPATH": str(PROJECT)}
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
+    # the child gets the default disposition back, as a command typed in a terminal has it.
     process = subprocess.Popen([*PREDICT, str(kit.model), str(folder), "-o", str(tmp_path / "out.csv")],
-                               cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in process.stderr:
         seen.append(line)
