@@ -16,9 +16,10 @@ _SHOWN = 5  # how many offending rows an error message lists
 
 
 def _lines(frame: pd.DataFrame, mask) -> str:
-    rows = frame[mask]
-    shown = ", ".join(f"line {index + 2} ({row.image_id})" for index, row in rows.head(_SHOWN).iterrows())
-    more = len(rows) - _SHOWN
+    positions = [i for i, bad in enumerate(mask) if bad]  # by position: the line is the row's place in the file
+    ids = frame["image_id"].to_numpy()
+    shown = ", ".join(f"line {i + 2} ({ids[i]})" for i in positions[:_SHOWN])
+    more = len(positions) - _SHOWN
     return shown + (f" and {more} more" if more > 0 else "")
 
 
@@ -81,7 +82,8 @@ def read(path: str | Path, name: str | None = None) -> pd.DataFrame:
             f"comma); save it as comma-separated CSV (e.g. Excel's 'CSV UTF-8 (Comma delimited)')"
         )
     try:
-        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+        # index_col=False: a row with more fields than the header must not turn the first column into an index
+        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise PipelineError(f"{name}: not a readable CSV ({str(error).splitlines()[0]})") from None
     return validate(frame, name)
