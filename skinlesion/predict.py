@@ -79,12 +79,12 @@ def classify(logits_of, info: dict, members: list[archives.Member], batch_size: 
             chunk = members[start:start + CHUNK]
             found, pixels, failed = decode_all(chunk, info["image_size"])
             how = inference.scoring(info)
-            extra = {}
+            rows = None
             if patient is not None:
                 ids = [Path(chunk[i].name).stem for i in found]
-                extra["patient"] = inference.patient_rows(info, patient.loc[ids].reset_index(drop=True))
-            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size, **extra),
-                                                 how).astype(np.float32))
+                rows = inference.patient_rows(info, patient.loc[ids].reset_index(drop=True))
+            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size,
+                                                           patient=rows), how).astype(np.float32))
             ok += [start + i for i in found]
             errors += failed
             progress.update(len(chunk))

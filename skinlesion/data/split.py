@@ -41,11 +41,12 @@ def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: 
     except ValueError as error:
         raise PipelineError(f"cannot split {count} lesions with these fractions: {error}") from None
     manifests = {}
+    by_image = frame.set_index("image_id")
     for name, members in zip(SPLITS, (train, val, test)):
         part = frame[frame[key].isin(set(members))].loc[:, ["image_id", "lesion_id", "dx"]]
         part = part.sort_values("image_id", kind="stable").reset_index(drop=True)
         part["label"] = part["dx"].map(CLASSES.index)
-        patient = frame.set_index("image_id").reindex(part["image_id"])
+        patient = by_image.reindex(part["image_id"])
         for column in ("age", "sex", "localization"):
             part[column] = patient[column].to_numpy() if column in patient else ""
         absent = [dx for dx in CLASSES if dx not in set(part["dx"])]

@@ -23,9 +23,8 @@ def evaluate_split(logits_of, info: dict, frame: pd.DataFrame, images: np.ndarra
     ``partial(inference.view_logits, model, info)``): writes the headline metrics to
     ``metrics_path`` and the details and plots under ``plots_dir``."""
     how = inference.scoring(info)
-    rows = inference.patient_rows(info, frame)  # a model that takes the patient's metadata gets it
     logits = logits_of(images, tta=how["tta"], batch_size=settings["batch_size"], progress=progress,
-                       **({} if rows is None else {"patient": rows}))
+                       patient=inference.patient_rows(info, frame))  # None for a model without metadata
     probabilities = calibrate.probabilities(logits, how)
     uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
     labels = frame["label"].to_numpy()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from skinlesion import PipelineError
+from skinlesion.data import patient
 from skinlesion.evaluation import calibrate
 from skinlesion.progress import bar
 from skinlesion.training import models
@@ -43,11 +44,7 @@ def scoring(info: dict) -> dict:
 def patient_rows(info: dict, frame) -> np.ndarray | None:
     """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
     model that takes it (its file records the encoding), else None."""
-    if not info.get("patient"):
-        return None
-    from skinlesion.data import patient
-
-    return patient.encode(frame, info["patient"])
+    return patient.encode(frame, info["patient"]) if info.get("patient") else None
 
 
 @torch.no_grad()

@@ -125,6 +125,15 @@ def _flatten(figures: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _lesion_weights(lesions: np.ndarray, resamples: int, rng: np.random.Generator):
+    """Per-image weights of ``resamples`` bootstrap draws of lesions with replacement
+    (every image of a drawn lesion counts as often as its lesion was drawn)."""
+    _, lesion_of = np.unique(np.asarray(lesions).astype(str), return_inverse=True)
+    count = lesion_of.max() + 1
+    for _ in range(resamples):
+        yield np.bincount(rng.integers(0, count, count), minlength=count)[lesion_of].astype(float)
+
+
 def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *, resamples: int,
                         seed: int, mel_threshold: float | None = None) -> dict:
     """95 % percentile intervals of the headline figures, resampling **lesions** with
@@ -133,14 +142,8 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, lesions: 
     labels = np.asarray(labels)
     predicted = probabilities.argmax(axis=1)
     flagged = None if mel_threshold is None else probabilities[:, CLASSES.index("mel")] >= mel_threshold
-    _, lesion_of = np.unique(np.asarray(lesions).astype(str), return_inverse=True)
-    count = lesion_of.max() + 1
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        lesion_weight = np.bincount(rng.integers(0, count, count), minlength=count)
-        draws.append(_flatten(_weighted_figures(labels, predicted, probabilities, lesion_weight[lesion_of].astype(float),
-                                                flagged)))
+    draws = [_flatten(_weighted_figures(labels, predicted, probabilities, weight, flagged))
+             for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed))]
     intervals: dict = {}
     for key in draws[0]:
         values = np.array([draw[key] for draw in draws], dtype=float)
@@ -254,13 +257,8 @@ def difference_intervals(a: tuple, b: tuple, *, resamples: int, seed: int) -> di
         labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
         predicted = probabilities.argmax(axis=1)
         figures.append(_flatten(_weighted_figures(labels, predicted, probabilities, np.ones(len(labels)), None)))
-        _, lesion_of = np.unique(np.asarray(lesions).astype(str), return_inverse=True)
-        count = lesion_of.max() + 1
-        drawn = []
-        for _ in range(resamples):
-            weight = np.bincount(rng.integers(0, count, count), minlength=count)[lesion_of].astype(float)
-            drawn.append(_flatten(_weighted_figures(labels, predicted, probabilities, weight, None)))
-        draws.append(drawn)
+        draws.append([_flatten(_weighted_figures(labels, predicted, probabilities, weight, None))
+                      for weight in _lesion_weights(lesions, resamples, rng)])
     result = {}
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc"):
         differences = np.array([y[key] - x[key] for x, y in zip(*draws)], dtype=float)

@@ -61,15 +61,13 @@ class Classifier(nn.Module):
         self.cam_layer = cam_layer
         self.patient = None
 
-    def fuse_patient(self, width: int) -> None:
+    def fuse_patient(self, width: int, num_classes: int, head: dict) -> None:
         """Feed ``width`` metadata features beside the image: a small MLP whose output
-        is joined to the pooled image features before the head's layers."""
+        is joined to the pooled image features before a head built from the same
+        ``head`` params (``hidden``, ``dropout``), now ``PATIENT_FEATURES`` wider."""
         if not isinstance(self.head, Head):
             raise PipelineError("train.metadata needs a model with a dense head; this architecture has its own")
-        old = self.head
-        hidden = old.mlp[-1].in_features if len(old.mlp) == 4 else 0
-        dropout = next(layer.p for layer in old.mlp if isinstance(layer, nn.Dropout))
-        self.head = Head(old.in_features + PATIENT_FEATURES, old.mlp[-1].out_features, hidden, dropout)
+        self.head = Head(self.head.in_features + PATIENT_FEATURES, num_classes, **head)
         self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True))
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,7 +323,7 @@ def build(name: str, *, num_classes: int, image_size: int, settings: dict, head:
     except TypeError as error:
         raise PipelineError(f"models.{name}: {error}") from None
     if patient_width:
-        model.fuse_patient(patient_width)
+        model.fuse_patient(patient_width, num_classes, dict(head))
     return model
 
 
