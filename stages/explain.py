@@ -32,7 +32,9 @@ def main(params):
                                             keep={i for chosen in shown.values() for i in chosen}, progress="explain")
     summary = explain.summarise(scored, labels, CLASSES)
     # The metric people compare is the overall figure; the per-class break-down sits with the plots.
-    write_json(Path("metrics/explain.json"), {"method": settings["method"], **summary["overall"]}, sort_keys=False)
+    layer = scored[0]["layer"] if scored else None
+    write_json(Path("metrics/explain.json"), {"method": settings["method"], "layer": layer, **summary["overall"]},
+               sort_keys=False)
     with atomic_dir(Path("plots/explain")) as out:
         write_json(out / "per_class.json", summary["per_class"])
         for name, chosen in shown.items():
@@ -46,9 +48,9 @@ def main(params):
                 colours += ["black", "darkgreen" if predicted == name else "red"]
             plots.image_grid(np.stack(tiles), captions, colours, out / f"{name}.png", columns=2)
     overall = summary["overall"]
-    logging.info("%s on %d test images with masks: %.0f%% of heat-map energy on the lesion, pointing game %.0f%%",
-                 settings["method"], overall["images"], 100 * overall.get("energy_in_lesion", float("nan")),
-                 100 * overall.get("pointing_game", float("nan")))
+    logging.info("%s (at %s) on %d test images with masks: %.0f%% of heat-map energy on the lesion, "
+                 "pointing game %.0f%%", settings["method"], layer, overall["images"],
+                 100 * overall.get("energy_in_lesion", float("nan")), 100 * overall.get("pointing_game", float("nan")))
 
 
 if __name__ == "__main__":

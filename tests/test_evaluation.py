@@ -111,9 +111,21 @@ def test_heat_maps_have_the_image_shape(name, method):
     torch.manual_seed(0)
     settings = {"layers": 1, "heads": 2, "hidden_dim": 16, "mlp_dim": 16} if name == "vit_b_16" else {}
     model = models.build(name, num_classes=7, image_size=64, settings=settings, head={"hidden": 8, "dropout": 0})
-    cams, logits = explain.heatmaps(model, torch.randn(2, 3, 64, 64), method=method)
-    assert cams.shape == (2, 64, 64) and logits.shape == (2, 7)
+    cams, logits, layer = explain.heatmaps(model, torch.randn(2, 3, 64, 64), method=method)
+    assert cams.shape == (2, 64, 64) and logits.shape == (2, 7) and layer in model.cam_layers
     assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("size, layer", [(128, "backbone.7"), (64, "backbone.6"), (32, "backbone.5"),
+                                         (16, "backbone.5")])
+def test_grad_cam_explains_the_deepest_map_with_enough_cells(size, layer):
+    # ResNet-18's last block is size/32 cells a side; its upsampled 2 x 2 map always
+    # peaks in a corner, so at 64 px the block before it (4 x 4) is explained instead;
+    # at 16 px no layer reaches 4 cells, and the finest one (2 x 2) is used.
+    torch.manual_seed(0)
+    model = models.build("resnet18", num_classes=7, image_size=size, settings={}, head={"hidden": 8, "dropout": 0})
+    cams, _, chosen = explain.heatmaps(model, torch.randn(2, 3, size, size))
+    assert chosen == layer and cams.shape == (2, size, size)
 
 
 def test_lesion_scores_inside_and_outside_the_mask():

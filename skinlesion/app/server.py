@@ -69,8 +69,8 @@ class Analyst:
             probabilities = inference.predict(self.model, self.info, pixels)[0]
             predicted = int(probabilities.argmax())
             # The scored prediction is the target, as in the explain stage.
-            cams, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
-                                       target=torch.tensor([predicted]))
+            cams, _, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
+                                          target=torch.tensor([predicted]))
         result = {"file": name, "predicted": classes[predicted], "confidence": float(probabilities[predicted]),
                   "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},
                   "image": png_data_url(pixels[0]), "overlay": png_data_url(plots.overlay(pixels[0], cams[0])),

@@ -27,22 +27,32 @@ def _as_map(tensor: torch.Tensor) -> torch.Tensor:
     raise PipelineError(f"Grad-CAM layer output has shape {tuple(tensor.shape)}; expected a feature map")
 
 
+MIN_GRID = 4
+"""Grad-CAM explains the deepest layer the model names whose map is at least this
+many cells on a side: ResNet-18's last block at 128 px (4 x 4), the one before it at
+64 px, where the last is 2 x 2 and its upsampled maximum always lies in a corner."""
+
+
 def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: torch.Tensor | None = None,
-             patient: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+             patient: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, str]:
     """Heat maps in [0, 1] of the images' own size (N x H x W), for class ``target``
-    (default: the predicted class), from the layer the model names as ``cam_layer``.
-    Returns the maps and the logits."""
-    layer = dict(model.named_modules()).get(model.cam_layer)
-    if layer is None:
-        raise PipelineError(f"the model has no layer {model.cam_layer} for Grad-CAM")
-    captured: dict[str, torch.Tensor] = {}
+    (default: the predicted class), from the deepest of the model's ``cam_layers``
+    whose map has ``MIN_GRID`` cells a side (or else the finest of them).
+    Returns the maps, the logits and the layer's name."""
+    modules = dict(model.named_modules())
+    missing = [name for name in model.cam_layers if name not in modules]
+    if missing:
+        raise PipelineError(f"the model has no layer {missing[0]} for Grad-CAM")
+    captured: dict[str, dict[str, torch.Tensor]] = {name: {} for name in model.cam_layers}
 
-    def forward_hook(_module, _inputs, output):
-        output = output[0] if isinstance(output, tuple) else output
-        captured["activation"] = output
-        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+    def hook(name):
+        def forward_hook(_module, _inputs, output):
+            output = output[0] if isinstance(output, tuple) else output
+            captured[name]["activation"] = output
+            output.register_hook(lambda grad: captured[name].__setitem__("gradient", grad))
+        return forward_hook
 
-    handle = layer.register_forward_hook(forward_hook)
+    handles = [modules[name].register_forward_hook(hook(name)) for name in model.cam_layers]
     model.eval()
     try:
         with torch.enable_grad():
@@ -53,9 +63,13 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
             model.zero_grad(set_to_none=True)
             logits.gather(1, target[:, None]).sum().backward()
     finally:
-        handle.remove()
-    activation = _as_map(captured["activation"].detach())
-    gradient = _as_map(captured["gradient"].detach())
+        for handle in handles:
+            handle.remove()
+    maps = {name: (_as_map(got["activation"].detach()), _as_map(got["gradient"].detach()))
+            for name, got in captured.items()}
+    layer = next((name for name, (activation, _) in maps.items() if min(activation.shape[-2:]) >= MIN_GRID),
+                 max(maps, key=lambda name: min(maps[name][0].shape[-2:])))
+    activation, gradient = maps[layer]
     if method == "gradcam":
         weights = gradient.mean(dim=(2, 3), keepdim=True)
     else:
@@ -67,7 +81,7 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).view(-1, 1, 1)
     cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), cam)
-    return cam.cpu().numpy(), logits.detach()
+    return cam.cpu().numpy(), logits.detach(), layer
 
 
 def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | None:
@@ -96,12 +110,13 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
         pixels = images[start:start + batch_size]
         metadata = None if patient is None else patient[start:start + batch_size]
         predicted = predict(model, info, pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
-        cams, _ = heatmaps(model, normalise(pixels, info, "cpu"), method=method, target=torch.from_numpy(predicted),
-                           patient=None if metadata is None else torch.from_numpy(metadata))
+        cams, _, layer = heatmaps(model, normalise(pixels, info, "cpu"), method=method,
+                                  target=torch.from_numpy(predicted),
+                                  patient=None if metadata is None else torch.from_numpy(metadata))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None
-            rows.append({"predicted": int(predicted[offset]),
+            rows.append({"predicted": int(predicted[offset]), "layer": layer,
                          "energy_in_lesion": None if scores is None else scores[0],
                          "pointing_hit": None if scores is None else scores[1]})
             if index in keep:

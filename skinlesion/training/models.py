@@ -50,15 +50,16 @@ PATIENT_FEATURES = 32  # the patient MLP's output, joined to the pooled image fe
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))``; ``cam_layer`` names the module whose activations
-    Grad-CAM explains (the last spatial feature map). With ``fuse_patient`` the head
-    also takes an MLP of the patient's encoded metadata (``forward(images, patient)``)."""
+    """``head(backbone(x))``; ``cam_layers`` names the modules whose activations
+    Grad-CAM may explain, deepest first (the last spatial feature map, then earlier
+    ones with a finer grid, for inputs too small for the last). With ``fuse_patient``
+    the head also takes an MLP of the patient's encoded metadata (``forward(images, patient)``)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, cam_layer: str):
+    def __init__(self, backbone: nn.Module, head: nn.Module, cam_layers: tuple[str, ...]):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.cam_layer = cam_layer
+        self.cam_layers = tuple(cam_layers)
         self.patient = None
 
     def fuse_patient(self, width: int, num_classes: int, head: dict) -> None:
@@ -145,13 +146,18 @@ def simple_cnn(num_classes, image_size, head, pretrained, weights_path, channels
             nn.MaxPool2d(2), nn.Dropout(dropout)))
         previous = width
     backbone = nn.Sequential(*blocks)
-    return Classifier(backbone, Head(previous, num_classes, **head), f"backbone.{len(blocks) - 1}.2")
+    return Classifier(backbone, Head(previous, num_classes, **head),
+                      tuple(f"backbone.{i}.2" for i in reversed(range(len(blocks)))))
+
+
+# layer4, layer3, layer2 of a torchvision ResNet trunk (strides 32, 16, 8)
+RESNET_CAM_LAYERS = ("backbone.7", "backbone.6", "backbone.5")
 
 
 def _resnet(name):
     def build(num_classes, image_size, head, pretrained, weights_path):
         trunk, features = _resnet_trunk(name, pretrained, weights_path)
-        return Classifier(trunk, Head(features, num_classes, **head), "backbone.7")
+        return Classifier(trunk, Head(features, num_classes, **head), RESNET_CAM_LAYERS)
     build.__doc__ = f"torchvision {name}, its fc replaced by the configurable head."
     return build
 
@@ -160,7 +166,8 @@ def efficientnet_b0(num_classes, image_size, head, pretrained, weights_path):
     """torchvision EfficientNet-B0, its classifier replaced by the configurable head."""
     model = tvm.efficientnet_b0(weights=None)
     _load(model, imagenet_state("efficientnet_b0", pretrained, weights_path), "efficientnet_b0")
-    return Classifier(model.features, Head(1280, num_classes, **head), "backbone.8")
+    # the final 1x1 convolution (stride 32), then the last blocks at strides 16 and 8
+    return Classifier(model.features, Head(1280, num_classes, **head), ("backbone.8", "backbone.5", "backbone.3"))
 
 
 VIT_B = {"layers": 12, "heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
@@ -188,7 +195,7 @@ def vit_b_16(num_classes, image_size, head, pretrained, weights_path, **size):
     model.heads = nn.Identity()
     # Grad-CAM on a ViT looks at the last block's input norm: tokens there still map to patches.
     last = f"backbone.encoder.layers.encoder_layer_{size['layers'] - 1}.ln_1"
-    return Classifier(model, Head(size["hidden_dim"], num_classes, **head), last)
+    return Classifier(model, Head(size["hidden_dim"], num_classes, **head), (last,))
 
 
 class TransformerHead(nn.Module):
@@ -220,7 +227,7 @@ def resnet_transformer(num_classes, image_size, head, pretrained, weights_path, 
     trunk, features = _resnet_trunk(backbone, pretrained, weights_path)
     grid = math.ceil(image_size / 32)
     return Classifier(trunk, TransformerHead(features, grid, num_classes, head, dim, layers, heads, dropout),
-                      "backbone.7")
+                      RESNET_CAM_LAYERS)
 
 
 # --- FixCaps ---------------------------------------------------------------------
@@ -296,7 +303,7 @@ def fixcaps(num_classes, image_size, head, pretrained, weights_path, channels=64
         raise PipelineError(f"fixcaps: image size {image_size} is too small for its layers (try >= 64)")
     backbone = nn.Sequential(stem, PrimaryCaps(channels, primary_types, primary_dim, 9, 2))
     caps = ClassCaps(primary_types * primary_side ** 2, primary_dim, num_classes, class_dim, routing)
-    return Classifier(backbone, caps, "backbone.0.3")
+    return Classifier(backbone, caps, ("backbone.0.3",))
 
 
 ARCHITECTURES = {
