@@ -194,6 +194,11 @@ def test_schedules():
     assert all(a >= b for a, b in zip(cosine[5:], cosine[6:]))
     one = trajectory("onecycle")
     assert max(one) == pytest.approx(1.0) and one[0] < 0.1 and one[-1] < 1e-3
+    # no warm-up, or a run of a batch or two (a tiny train split), used to divide by zero
+    for epochs, steps, warmup in [(4, 5, 0), (1, 3, 1), (1, 2, 1), (1, 1, 1), (2, 1, 0)]:
+        rates = trajectory("onecycle", epochs=epochs, steps=steps, warmup=warmup)
+        assert len(rates) == epochs * steps and all(0 < rate <= 1.0 for rate in rates)
+    assert trajectory("onecycle", warmup=0)[-1] < 1e-3
     plateau = trajectory("plateau", epochs=5, warmup=0, scores=[0.5, 0.4, 0.4, 0.6, 0.6])
     assert plateau[:15] == [1.0] * 15 and plateau[15:20] == [0.5] * 5
     assert trajectory("none", warmup=0) == [1.0] * 20

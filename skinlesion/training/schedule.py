@@ -20,10 +20,12 @@ class Schedule:
         self.warmup = min(warmup_epochs * steps_per_epoch, self.total - 1)
         self.step_count, self.factor, self.best, self.stale = 0, 1.0, -math.inf, 0
         self.onecycle = None
-        if kind == "onecycle":
+        if kind == "onecycle" and self.total >= 3:
+            # OneCycleLR divides by zero unless its rise lasts 2 steps or more and its
+            # fall at least one; a run of 1 or 2 batches keeps the warm-up-then-constant rate.
             self.onecycle = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, total_steps=self.total,
-                pct_start=max(self.warmup, 1) / self.total, anneal_strategy="cos")
+                pct_start=max(self.warmup, 2) / self.total, anneal_strategy="cos")
         else:
             self._apply()
 
