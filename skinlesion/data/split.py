@@ -34,7 +34,8 @@ def split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: 
     count = len(lesions)
     test_count, val_count = round(test_fraction * count), round(val_fraction * count)
     try:
-        rest, test = train_test_split(lesions.index, test_size=test_count, stratify=lesions.values,
+        # plain object arrays: some pandas/scikit-learn pairs cannot index an Arrow-backed Index
+        rest, test = train_test_split(lesions.index.to_numpy(dtype=object), test_size=test_count, stratify=lesions.values,
                                       random_state=seed)
         train, val = train_test_split(rest, test_size=val_count, stratify=lesions[rest].values,
                                       random_state=seed)
