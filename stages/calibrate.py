@@ -18,11 +18,13 @@ def main(params):
     settings = params["calibrate"]
     trained = Path("models/trained.pt")
     model, info = modelfile.load(trained)
+    device = inference.scoring_device()
     val = pd.read_csv("data/split/val.csv", dtype={"image_id": str, "lesion_id": str})
     train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
-    logits = inference.view_logits(model, info, images, tta=settings["tta"], batch_size=settings["batch_size"],
+    logits = inference.view_logits(model.to(device), info, images, tta=settings["tta"],
+                                   batch_size=settings["batch_size"], device=device,
                                    progress="calibrate", patient=inference.patient_rows(info, val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],

@@ -16,10 +16,12 @@ from skinlesion.evaluation import evaluate, inference
 def main(params):
     settings = params["evaluate"]
     model, info = modelfile.load(Path("models/model.pt"))
+    device = inference.scoring_device()
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
-    result = evaluate.evaluate_split(partial(inference.view_logits, model, info), info, test, images, settings,
+    logits_of = partial(inference.view_logits, model.to(device), info, device=device)
+    result = evaluate.evaluate_split(logits_of, info, test, images, settings,
                                      metrics_path=Path("metrics/evaluate.json"), plots_dir=Path("plots/evaluate"),
                                      progress="evaluate")
     ci = result["ci95"]

@@ -17,6 +17,7 @@ from skinlesion.files import atomic_dir, write_json
 def main(params):
     settings = params["explain"]
     model, info = modelfile.load(Path("models/model.pt"))
+    device = inference.scoring_device()
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     rows = prepared.rows(test["image_id"])
@@ -26,8 +27,8 @@ def main(params):
     rng = np.random.default_rng(settings["seed"])
     shown = {name: sorted(rng.choice(np.flatnonzero(labels == i), min(settings["per_class"], (labels == i).sum()),
                                      replace=False).tolist()) for i, name in enumerate(CLASSES)}
-    scored, cams = explain.score_split(model, info, images, masks, has_mask, method=settings["method"],
-                                            batch_size=settings["batch_size"],
+    scored, cams = explain.score_split(model.to(device), info, images, masks, has_mask, method=settings["method"],
+                                            batch_size=settings["batch_size"], device=device,
                                             patient=inference.patient_rows(info, test),
                                             keep={i for chosen in shown.values() for i in chosen}, progress="explain")
     summary = explain.summarise(scored, labels, CLASSES)

@@ -276,3 +276,30 @@ def test_compare_refuses_bad_input_in_one_line(tmp_path):
         result = _compare(*args)
         assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scoring_on_the_gpu_matches_the_cpu():
+    # calibrate, evaluate and explain score on the GPU when there is one: in float32
+    # without TF32, so the probabilities and heat maps are the CPU's.
+    from skinlesion.evaluation import inference
+
+    torch.manual_seed(0)
+    model = models.build("resnet18", num_classes=7, image_size=64, settings={}, head={"hidden": 8, "dropout": 0})
+    info = {"image_size": 64, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD,
+            "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]}
+    images = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
+    masks, has_mask = np.ones((10, 64, 64), np.uint8), np.ones(10, bool)
+    on_cpu = inference.view_logits(model, info, images, tta="dihedral", batch_size=4)
+    rows_cpu, cams_cpu = explain.score_split(model, info, images, masks, has_mask, method="gradcam",
+                                             batch_size=4, keep=set(range(10)))
+    device = inference.scoring_device()
+    assert device.type == "cuda"
+    model = model.to(device)
+    on_gpu = inference.view_logits(model, info, images, tta="dihedral", batch_size=4, device=device)
+    rows_gpu, cams_gpu = explain.score_split(model, info, images, masks, has_mask, method="gradcam",
+                                             batch_size=4, keep=set(range(10)), device=device)
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
+    assert [row["predicted"] for row in rows_gpu] == [row["predicted"] for row in rows_cpu]
+    for index in range(10):
+        np.testing.assert_allclose(cams_gpu[index], cams_cpu[index], atol=1e-3)

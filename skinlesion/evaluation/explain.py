@@ -97,10 +97,10 @@ def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | Non
 
 def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
-                patient: np.ndarray | None = None):
+                patient: np.ndarray | None = None, device: str | torch.device = "cpu"):
     """Heat maps for every image (its predicted class, scored as the model file says,
     as target) and, where a mask exists, its lesion scores. Returns per-image rows and
-    the heat maps of the indices in ``keep`` (for overlays)."""
+    the heat maps of the indices in ``keep`` (for overlays). ``model`` must be on ``device``."""
     from skinlesion.evaluation.inference import normalise, predict
     from skinlesion.progress import bar
 
@@ -109,10 +109,11 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         pixels = images[start:start + batch_size]
         metadata = None if patient is None else patient[start:start + batch_size]
-        predicted = predict(model, info, pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
-        cams, _, layer = heatmaps(model, normalise(pixels, info, "cpu"), method=method,
-                                  target=torch.from_numpy(predicted),
-                                  patient=None if metadata is None else torch.from_numpy(metadata))
+        predicted = predict(model, info, pixels, batch_size=batch_size, patient=metadata,
+                            device=device).argmax(axis=1)
+        cams, _, layer = heatmaps(model, normalise(pixels, info, device), method=method,
+                                  target=torch.from_numpy(predicted).to(device),
+                                  patient=None if metadata is None else torch.from_numpy(metadata).to(device))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None

@@ -91,13 +91,15 @@ def load_source(source: Source, size: int, decode_all):
 def score_sources(model, info: dict, sources: list[Source], settings: dict, out: Path, decode_all) -> dict[str, dict]:
     """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name."""
     results = {}
+    device = inference.scoring_device()
+    model = model.to(device)
     for source in sources:
         frame, pixels = load_source(source, info["image_size"], decode_all)
         if not len(frame):
             raise PipelineError(f"external source {source.name} ({', '.join(map(str, source.paths))}): "
                                 f"no readable image")
         results[source.name] = evaluate.evaluate_split(
-            partial(inference.view_logits, model, info), info, frame, pixels, settings,
+            partial(inference.view_logits, model, info, device=device), info, frame, pixels, settings,
             metrics_path=out / f"{source.name}.json", plots_dir=out / source.name,
             progress=f"external {source.name}")
     return results

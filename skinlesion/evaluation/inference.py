@@ -29,6 +29,16 @@ def _views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return views
 
 
+def scoring_device() -> torch.device:
+    """Where the scoring stages run: the GPU when there is one, in true float32 (no
+    TF32), so its probabilities match the CPU's and the ONNX export's; else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda")
+
+
 def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
     """uint8 N x S x S x 3 -> the float tensor the model was trained on."""
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
