@@ -31,6 +31,7 @@ import pandas as pd
 from skinlesion import CLASSES, PipelineError, cli, modelfile, params
 from skinlesion.data import archives
 from skinlesion.data.images import Unusable, load_image
+from skinlesion.data.patient_input import first_problem
 from skinlesion.evaluation import calibrate, evaluate, external, inference
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
@@ -162,6 +163,10 @@ def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFram
         raise PipelineError(f"--metadata {path}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") from None
     if "image_id" not in table:
         raise PipelineError(f"--metadata {path}: no image_id column; {fix}")
+    found = first_problem(table, info["patient"])
+    if found:
+        row, problem = found
+        raise PipelineError(f"--metadata {path}, line {row + 2} ({table['image_id'].iloc[row]}): {problem}")
     return table.drop_duplicates("image_id", keep="last").set_index("image_id")
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from skinlesion import PipelineError, modelfile
-from skinlesion.data import patient
+from skinlesion.data import patient, patient_input
 from skinlesion.deployment import export, runtime
 from skinlesion.evaluation import explain, inference
 from skinlesion.training import train
@@ -119,3 +119,27 @@ def test_the_prediction_command_asks_for_the_metadata_csv(learned, tmp_path):
     frame.iloc[:9].assign(image_id=ids[:9]).to_csv(tmp_path / "short.csv", index=False)
     short = predict("--metadata", str(tmp_path / "short.csv"))
     assert short.returncode == 2 and "no row for 1 image(s), e.g. ISIC_0000009" in short.stderr
+    (tmp_path / "out.csv").unlink()
+    typo = frame.iloc[:10].assign(image_id=ids)
+    typo.loc[2, "localization"] = "lower extremety"
+    typo.to_csv(tmp_path / "typo.csv", index=False)
+    refused = predict("--metadata", str(tmp_path / "typo.csv"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"--metadata {tmp_path / 'typo.csv'}, line 4 (ISIC_0000002): localization 'lower extremety' is not one " \
+           f"of abdomen, " in refused.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("age, sex, site, problem", [
+    ("45", "male", "back", None), ("", "", "", None), (" 7.5 ", "Female", "Lower Extremity", None),
+    ("unknown", "unknown", "unknown", None), (None, None, None, None),
+    ("forty", "", "", "age 'forty' is not a number of years from 0 to 120; leave it blank if unknown"),
+    ("-1", "", "", "age '-1' is not a number of years"), ("121", "", "", "age '121' is not a number of years"),
+    ("50", "f", "", "sex 'f' is not one of male, female or unknown"),
+    ("50", "", "elbow", "localization 'elbow' is not one of abdomen, acral, back"),
+])
+def test_metadata_given_for_prediction_is_checked_before_it_is_encoded(age, sex, site, problem):
+    # The encoding reads anything it does not know as unknown; at prediction time a
+    # typo must not pass silently as "unknown".
+    found = patient_input.describe_problem(age, sex, site, patient.encoding())
+    assert found == problem if problem is None else found.startswith(problem)
