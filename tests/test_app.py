@@ -5,24 +5,31 @@ file named .jpg shows the error line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from skinlesion import CLASSES, modelfile
+from skinlesion.data import patient
 from skinlesion.data.prepare import load_image
 from skinlesion.evaluation import inference
 from skinlesion.training import models
 from tests.conftest import PROJECT
+from tests.test_patient import learned  # noqa: F401 - a model whose class only the body site tells
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -51,9 +58,10 @@ def uploads(synthetic_folder, tmp_path) -> tuple[Path, Path]:
     return image, text
 
 
-def post(url: str, data: bytes, name: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "api/predict", data=data, method="POST",
-                                     headers={"X-File-Name": name, "Content-Type": "application/octet-stream"})
+def post(url: str, data: bytes, name: str, **patient_values: str) -> tuple[int, dict]:
+    headers = {"X-File-Name": name, "Content-Type": "application/octet-stream"}
+    headers.update({f"X-{key.title()}": urllib.parse.quote(value) for key, value in patient_values.items()})
+    request = urllib.request.Request(url + "api/predict", data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -103,8 +111,44 @@ def browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture()
-def app_url(model_file):
+def test_the_endpoint_takes_the_patients_metadata_for_a_model_that_uses_it(learned):  # noqa: F811
+    from skinlesion.app import server
+
+    path, images, frame, labels, _, _ = learned
+    httpd = server.serve(path, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    model, info = modelfile.load(path)
+    buffer = BytesIO()
+    Image.fromarray(images[0]).save(buffer, format="PNG")
+    try:
+        with urllib.request.urlopen(url + "api/info", timeout=30) as response:
+            described = json.loads(response.read())
+        assert described["patient"] == {"sex": list(patient.SEXES), "localization": list(patient.SITES),
+                                        "max_age": 120}
+        for site in ("chest", "face"):  # trained on the first seven sites, one per class
+            status, answer = post(url, buffer.getvalue(), "scan.png", age="61", sex="Female", site=site)
+            assert status == 200, answer
+            assert answer["patient"] == {"age": "61", "sex": "female", "localization": site}
+            row = patient.encode(pd.DataFrame([answer["patient"]]), info["patient"])
+            expected = inference.predict(model, info, images[:1], patient=row)[0]
+            np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], expected, atol=1e-6)
+            assert answer["predicted"] == CLASSES[patient.SITES.index(site)]  # the site decides, as trained
+        status, answer = post(url, buffer.getvalue(), "scan.png")  # nothing given: all unknown
+        assert status == 200 and answer["patient"] == {"age": "", "sex": "unknown", "localization": "unknown"}
+        assert post(url, buffer.getvalue(), "scan.png", age="sixty") == (
+            422, {"file": "scan.png", "error": "scan.png: age 'sixty' is not a number of years from 0 to 120; "
+                                               "leave it blank if unknown"})
+        status, answer = post(url, buffer.getvalue(), "scan.png", site="elbow")
+        assert status == 422 and answer["error"].startswith("scan.png: localization 'elbow' is not one of abdomen")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@contextlib.contextmanager
+def serving(model_file: Path):
     """The real command, serving on a free port of 127.0.0.1."""
     process = subprocess.Popen([sys.executable, "-m", "skinlesion.app", str(model_file), "--port", "0"], cwd=PROJECT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -124,6 +168,12 @@ def app_url(model_file):
         process.wait(timeout=30)
 
 
+@pytest.fixture()
+def app_url(model_file):
+    with serving(model_file) as url:
+        yield url
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_person_drops_an_image_and_a_text_file_in_chromium(app_url, uploads, tmp_path):
@@ -137,6 +187,7 @@ def test_a_person_drops_an_image_and_a_text_file_in_chromium(app_url, uploads, t
             page.goto(app_url)
             expect(page.locator("#model")).to_contain_text("simple_cnn, 32 px")
             expect(page.get_by_text("Research tool, not a diagnosis.")).to_be_visible()
+            expect(page.locator("#patient")).to_be_hidden()  # this model takes no metadata
 
             page.set_input_files("#files", str(image))
             card = page.locator(".result").first
@@ -155,5 +206,45 @@ def test_a_person_drops_an_image_and_a_text_file_in_chromium(app_url, uploads, t
             expect(error).to_have_text(f"error: {NOT_AN_IMAGE}", timeout=60_000)
             expect(page.locator(".result")).to_have_count(2)  # the first answer stays
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+def test_a_person_gives_the_patients_age_sex_and_site_in_chromium(learned, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    path, images, _, _, _, _ = learned
+    scan = tmp_path / "scan.png"
+    Image.fromarray(images[0]).save(scan)
+    with serving(path) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#model")).to_contain_text("with the patient's age, sex and body site")
+            expect(page.locator("#patient")).to_be_visible()
+            page.fill("#age", "61")
+            page.select_option("#sex", "female")
+            page.select_option("#site", "chest")
+            page.set_input_files("#files", str(scan))
+            card = page.locator(".result").first
+            expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
+            expect(card.locator(".given")).to_have_text("with the patient's age 61, sex female, body site chest")
+            expect(card.locator(".predicted")).to_have_text(CLASSES[patient.SITES.index("chest")])
+
+            page.select_option("#site", "face")
+            page.set_input_files("#files", str(scan))
+            expect(page.locator(".result")).to_have_count(2)
+            expect(page.locator(".result").first.locator(".predicted")).to_have_text(
+                CLASSES[patient.SITES.index("face")], timeout=60_000)
+
+            page.fill("#age", "200")
+            page.set_input_files("#files", str(scan))
+            expect(page.locator(".result.failed .error")).to_have_text(
+                "error: scan.png: age '200' is not a number of years from 0 to 120; leave it blank if unknown",
+                timeout=60_000)
+            page.screenshot(path=str(tmp_path / "app_metadata.png"), full_page=True)
         finally:
             browser.close()

@@ -22,11 +22,13 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
-from skinlesion import PipelineError, modelfile, plots
-from skinlesion.data import archives
+from skinlesion import modelfile, plots
+from skinlesion.data import archives, patient
+from skinlesion.data.patient_input import MAX_AGE, describe_problem
 from skinlesion.evaluation import explain, inference
 from skinlesion.predict import decode_all
 
@@ -46,32 +48,43 @@ class Analyst:
 
     def __init__(self, model_path: Path):
         self.model, self.info = modelfile.load(model_path)
-        if self.info.get("patient"):
-            raise PipelineError(f"{model_path} takes the patient's metadata beside each image, which the page does "
-                                f"not ask for yet; use python -m skinlesion.predict with --metadata")
+        self.patient = self.info.get("patient")  # the metadata encoding of a model that takes it
         self.scoring = inference.scoring(self.info)
         self.lock = threading.Lock()
 
     def describe(self) -> dict:
         return {"architecture": self.info["architecture"], "classes": list(self.info["classes"]),
                 "image_size": self.info["image_size"], "tta": self.scoring["tta"],
-                "mel_threshold": self.scoring.get("mel_threshold"), "notice": NOTICE}
+                "mel_threshold": self.scoring.get("mel_threshold"), "notice": NOTICE,
+                "patient": None if not self.patient else {"sex": list(self.patient["sex"]), "max_age": MAX_AGE,
+                                                          "localization": list(self.patient["localization"])}}
 
-    def analyse(self, name: str, data: bytes) -> dict:
+    def analyse(self, name: str, data: bytes, age: str = "", sex: str = "", site: str = "") -> dict:
         """Probabilities, prediction, melanoma flag and Grad-CAM overlay for one file,
-        or ``{"error": ...}`` worded as the prediction command words it."""
+        or ``{"error": ...}`` worded as the prediction command words it. ``age``, ``sex``
+        and ``site``: the patient's, for a model that takes them (blank: unknown)."""
+        rows, given = None, None
+        if self.patient:
+            problem = describe_problem(age, sex, site, self.patient)
+            if problem:
+                return {"file": name, "error": f"{name}: {problem}"}
+            given = {"age": age.strip(), "sex": sex.strip().lower() or "unknown",
+                     "localization": site.strip().lower() or "unknown"}
+            rows = patient.encode(pd.DataFrame([given]), self.patient)
         member = archives.Member(origin=name, name=name, size=len(data), open=lambda: BytesIO(data))
         _, pixels, errors = decode_all([member], self.info["image_size"])
         if errors:
             return {"file": name, "error": errors[0]}
         classes = list(self.info["classes"])
         with self.lock:
-            probabilities = inference.predict(self.model, self.info, pixels)[0]
+            probabilities = inference.predict(self.model, self.info, pixels, patient=rows)[0]
             predicted = int(probabilities.argmax())
             # The scored prediction is the target, as in the explain stage.
             cams, _, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
-                                          target=torch.tensor([predicted]))
-        result = {"file": name, "predicted": classes[predicted], "confidence": float(probabilities[predicted]),
+                                          target=torch.tensor([predicted]),
+                                          patient=None if rows is None else torch.from_numpy(rows))
+        result = {"file": name, "patient": given, "predicted": classes[predicted],
+                  "confidence": float(probabilities[predicted]),
                   "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},
                   "image": png_data_url(pixels[0]), "overlay": png_data_url(plots.overlay(pixels[0], cams[0])),
                   "melanoma": None}
@@ -135,7 +148,8 @@ class Handler(BaseHTTPRequestHandler):
                                                    f"{MAX_UPLOAD // 2**20} MB limit per image"})
                 return
             data = self.rfile.read(int(length))
-            result = self.analyst.analyse(name, data)
+            result = self.analyst.analyse(name, data, *(unquote(self.headers.get(f"X-{field}") or "")
+                                                        for field in ("Age", "Sex", "Site")))
             self._json(HTTPStatus.UNPROCESSABLE_ENTITY if "error" in result else HTTPStatus.OK, result)
         except Exception as error:  # noqa: BLE001
             self._failed(error)
