@@ -47,6 +47,28 @@ def test_channels_last_changes_layout_not_results(name):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(models.ARCHITECTURES))
+def test_every_architecture_takes_the_patients_metadata(name):
+    # train.metadata is on by default, so `dvc exp run -S model=NAME` must work for all:
+    # a dense head joins the metadata features, a head of its own gets their logits added.
+    torch.manual_seed(0)
+    size = 64 if name == "fixcaps" else 32
+    model = models.build(name, num_classes=7, image_size=size, settings=SMALL.get(name, {}), head=HEAD,
+                         patient_width=20)
+    images, patient = torch.randn(4, 3, size, size), torch.zeros(4, 20)
+    patient[:2, 5] = 1  # two patients differ from the other two in one field only
+    logits = model(images, patient)
+    assert logits.shape == (4, 7) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3, 6, 1])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.patient.parameters())
+    with torch.no_grad():
+        model.eval()
+        same_image = model(images[:1].expand(2, -1, -1, -1), patient[1:3])
+    assert not torch.allclose(same_image[0], same_image[1])  # the metadata moves the answer
+    with pytest.raises(PipelineError, match="takes the patient's metadata"):
+        model(images)
+
+
 def test_head_is_configurable():
     model = models.build("simple_cnn", num_classes=7, image_size=32, settings={}, head={"hidden": 0, "dropout": 0.5})
     assert [type(m).__name__ for m in model.head.mlp] == ["Dropout", "Linear"]

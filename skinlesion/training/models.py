@@ -63,13 +63,20 @@ class Classifier(nn.Module):
         self.patient = None
 
     def fuse_patient(self, width: int, num_classes: int, head: dict) -> None:
-        """Feed ``width`` metadata features beside the image: a small MLP whose output
-        is joined to the pooled image features before a head built from the same
-        ``head`` params (``hidden``, ``dropout``), now ``PATIENT_FEATURES`` wider."""
-        if not isinstance(self.head, Head):
-            raise PipelineError("train.metadata needs a model with a dense head; this architecture has its own")
-        self.head = Head(self.head.in_features + PATIENT_FEATURES, num_classes, **head)
-        self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True))
+        """Feed ``width`` metadata features beside the image. With a dense head: a small
+        MLP whose output is joined to the pooled image features before a head built from
+        the same ``head`` params (``hidden``, ``dropout``), now ``PATIENT_FEATURES``
+        wider. An architecture with its own head (FixCaps' capsules, the ResNet-
+        Transformer's token) keeps it, and the MLP adds its own logits to the image's."""
+        if isinstance(self.head, Head):
+            self.head = Head(self.head.in_features + PATIENT_FEATURES, num_classes, **head)
+            self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True))
+        else:
+            self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True),
+                                         nn.Linear(PATIENT_FEATURES, num_classes))
+            self.patient_logits = True
+
+    patient_logits = False  # True: the metadata adds logits (late fusion), rather than joining the features
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
         features = self.backbone(images)
@@ -78,6 +85,8 @@ class Classifier(nn.Module):
         if patient is None:
             raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; "
                                 "none was given")
+        if self.patient_logits:
+            return self.head(features) + self.patient(patient)
         return self.head(features, self.patient(patient))
 
 
