@@ -258,26 +258,29 @@ def test_the_isic2018_test_set_downloads_and_is_scored_as_an_external_set(projec
         run(["dvc", "repro"], project)
 
 
-def test_a_model_with_the_patients_metadata_runs_through_every_stage(project, synthetic_zips, tmp_path):
+def test_the_patients_metadata_runs_through_every_stage_and_can_be_left_out(project, synthetic_zips, tmp_path):
     from skinlesion import modelfile
     from skinlesion.deployment import runtime
 
-    result = run(["dvc", "exp", "run", "-S", "train.metadata=true"], project)
+    # on by default: the baseline model takes age, sex and site
+    _, info = modelfile.load(project / "models/model.pt")
+    assert info["patient"]["sex"] == ["male", "female"] and "scoring" in info
+    assert runtime.load(project / "models/model.onnx")[1]["patient"] == info["patient"]
+    split = pd.read_csv(project / "data/split/test.csv")
+    assert {"age", "sex", "localization"} <= set(split.columns)
+    # --score reads the source's own metadata CSV: the same numbers as the evaluate stage
+    run([sys.executable, "-m", "skinlesion.predict", "--score", "models/model.pt", str(synthetic_zips),
+         "--labels", "data/split/test.csv", "-o", str(tmp_path / "scored.json")], project)
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert scored["balanced_accuracy"] == json.loads((project / "metrics/evaluate.json").read_text())[
+        "balanced_accuracy"]
+    result = run(["dvc", "exp", "run", "-S", "train.metadata=false"], project)
     try:
         assert ran(result.stdout) == ["train", *AFTER_TRAIN]
         _, info = modelfile.load(project / "models/model.pt")
-        assert info["patient"]["sex"] == ["male", "female"] and "scoring" in info
-        assert runtime.load(project / "models/model.onnx")[1]["patient"] == info["patient"]
+        assert "patient" not in info and "patient" not in runtime.load(project / "models/model.onnx")[1]
         assert json.loads((project / "metrics/evaluate.json").read_text())["images"] > 0
         assert json.loads((project / "metrics/explain.json").read_text())["images"] > 0
-        split = pd.read_csv(project / "data/split/test.csv")
-        assert {"age", "sex", "localization"} <= set(split.columns)
-        # --score reads the source's own metadata CSV: the same numbers as the evaluate stage
-        run([sys.executable, "-m", "skinlesion.predict", "--score", "models/model.pt", str(synthetic_zips),
-             "--labels", "data/split/test.csv", "-o", str(tmp_path / "scored.json")], project)
-        scored = json.loads((tmp_path / "scored.json").read_text())
-        assert scored["balanced_accuracy"] == json.loads((project / "metrics/evaluate.json").read_text())[
-            "balanced_accuracy"]
     finally:
         run(["git", "checkout", "--", "."], project)
         run(["dvc", "checkout", "--force"], project)

@@ -51,9 +51,10 @@ def data(synthetic_zips, tmp_path_factory) -> train.TrainData:
 
 def config(model="simple_cnn", **train) -> dict:
     settings = copy.deepcopy(DEFAULTS["train"])
-    # flips and plain shuffling, whatever the default recipe: these tests are about the loop
+    # flips, plain shuffling and images alone, whatever the default recipe: these tests are about the loop
     settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, "augment": "flips", "sampler": "shuffle",
-                     "ema": 0.0, "select": "balanced_accuracy", "early_stopping_patience": 5, **train})
+                     "ema": 0.0, "select": "balanced_accuracy", "early_stopping_patience": 5, "metadata": False,
+                     **train})
     return {"model": model, "models": DEFAULTS["models"], "train": settings}
 
 
