@@ -216,6 +216,7 @@ def test_evaluate_writes_intervals_and_a_model_card_generated_from_them(project)
 
     _, info = modelfile.load(project / "models/model.pt")
     assert {"tta", "tau", "temperature", "mel_threshold", "log_prior"} <= set(info["scoring"])
+    assert "Also takes the patient's age, sex and body site" in card  # the default model does
 
 
 def test_an_external_set_is_scored_like_the_test_split_and_reaches_the_model_card(project, synthetic_folder):

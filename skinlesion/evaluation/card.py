@@ -28,6 +28,9 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
         f"- Input: {info['image_size']} x {info['image_size']} RGB (HAM10000's 4:3 frames squashed, not cropped), "
         f"normalised with mean {info['mean']} and std {info['std']}",
         f"- Classes, in output order: {', '.join(info['classes'])}",
+        *([f"- Also takes the patient's age, sex and body site (sexes {', '.join(info['patient']['sex'])}; sites "
+           f"{', '.join(info['patient']['localization'])}; each may be blank or unknown, which has its own encoding): "
+           f"prediction needs them (`--metadata` CSV, or the page's form)"] if info.get("patient") else []),
         f"- Epoch kept: {training.get('epoch', '?')} (chosen on the validation split)", "",
         "## How it is scored (chosen on the validation split)", "",
         f"- Test-time augmentation: `{scoring.get('tta', 'none')}` (softmax averaged over the views)",
