@@ -37,7 +37,7 @@ def test_exp_run_each_model_reruns_only_train_and_what_follows(project, name):
     changed = diff["metrics/train/metrics.json"]
     assert changed["parameters"]["new"] == models.parameter_count(
         models.build(name, num_classes=7, image_size=64, settings=_settings(project, name),
-                     head={"hidden": 256, "dropout": 0.3}))
+                     head={"hidden": 256, "dropout": 0.3}, patient_width=_patient_width(project)))
     assert changed["parameters"]["old"] != changed["parameters"]["new"]
 
     assert "metrics/evaluate.json" in diff and "metrics/explain.json" in diff
@@ -50,6 +50,15 @@ def test_experiments_are_listed(project):
     for name in models.ARCHITECTURES:
         if name != "simple_cnn":
             assert f"try-{name}" in shown
+
+
+def _patient_width(project):
+    import yaml
+
+    from skinlesion.data import patient
+
+    uses = yaml.safe_load((project / "params.yaml").read_text())["train"]["metadata"]
+    return patient.width(patient.encoding()) if uses else 0
 
 
 def _settings(project, name):
