@@ -139,7 +139,8 @@ def test_export_stage_and_prediction_on_the_onnx_file(synthetic_zips, tmp_path):
     for name in ("model.pt", "model.onnx"):
         out = tmp_path / f"{name}.csv"
         predicted = subprocess.run([sys.executable, "-m", "skinlesion.predict", f"models/{name}",
-                                    str(synthetic_zips / "HAM10000_images.zip"),
+                                    str(synthetic_zips / "HAM10000_images.zip"), "--metadata",
+                                    str(synthetic_zips / "HAM10000_metadata.csv"),  # the defaults use it
                                     "-o", str(out)], cwd=project, capture_output=True, text=True)
         assert predicted.returncode == 0, predicted.stderr
         tables[name] = pd.read_csv(out)
