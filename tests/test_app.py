@@ -69,16 +69,26 @@ def post(url: str, data: bytes, name: str, **patient_values: str) -> tuple[int, 
         return error.code, json.loads(error.read())
 
 
+@contextlib.contextmanager
+def endpoint(model_path: Path):
+    """The page's server for ``model_path`` in a thread of this process, on a free port; yields its URL."""
+    from skinlesion.app import server
+
+    httpd = server.serve(model_path, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_the_endpoint_answers_like_the_prediction_command_and_survives_bad_uploads(model_file, uploads, monkeypatch):
     from skinlesion.app import server
 
     image, text = uploads
     monkeypatch.setattr(server, "MAX_UPLOAD", 1 << 20)
-    httpd = server.serve(model_file, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    try:
+    with endpoint(model_file) as url:
         status, answer = post(url, image.read_bytes(), "lesion%20one.jpg")
         assert status == 200 and answer["file"] == "lesion one.jpg"
         model, info = modelfile.load(model_file)
@@ -96,9 +106,6 @@ def test_the_endpoint_answers_like_the_prediction_command_and_survives_bad_uploa
         assert status == 413 and answer["error"] == "huge.jpg: 2.0 MB is over the 1 MB limit per image"
         with urllib.request.urlopen(url, timeout=30) as page:  # still serving
             assert "Research tool, not a diagnosis." in page.read().decode()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def browser_missing() -> str | None:
@@ -112,17 +119,11 @@ def browser_missing() -> str | None:
 
 
 def test_the_endpoint_takes_the_patients_metadata_for_a_model_that_uses_it(learned):  # noqa: F811
-    from skinlesion.app import server
-
     path, images, frame, labels, _, _ = learned
-    httpd = server.serve(path, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
     model, info = modelfile.load(path)
     buffer = BytesIO()
     Image.fromarray(images[0]).save(buffer, format="PNG")
-    try:
+    with endpoint(path) as url:
         with urllib.request.urlopen(url + "api/info", timeout=30) as response:
             described = json.loads(response.read())
         assert described["patient"] == {"sex": list(patient.SEXES), "localization": list(patient.SITES),
@@ -142,9 +143,6 @@ def test_the_endpoint_takes_the_patients_metadata_for_a_model_that_uses_it(learn
                                                "leave it blank if unknown"})
         status, answer = post(url, buffer.getvalue(), "scan.png", site="elbow")
         assert status == 422 and answer["error"].startswith("scan.png: localization 'elbow' is not one of abdomen")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @contextlib.contextmanager
@@ -168,6 +166,21 @@ def serving(model_file: Path):
         process.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def chromium_page(url: str):
+    """A page of Debian's headless Chromium, opened at ``url``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture()
 def app_url(model_file):
     with serving(model_file) as url:
@@ -177,74 +190,62 @@ def app_url(model_file):
 @pytest.mark.slow
 @pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_person_drops_an_image_and_a_text_file_in_chromium(app_url, uploads, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     image, text = uploads
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(app_url)
-            expect(page.locator("#model")).to_contain_text("simple_cnn, 32 px")
-            expect(page.get_by_text("Research tool, not a diagnosis.")).to_be_visible()
-            expect(page.locator("#patient")).to_be_hidden()  # this model takes no metadata
+    with chromium_page(app_url) as page:
+        expect(page.locator("#model")).to_contain_text("simple_cnn, 32 px")
+        expect(page.get_by_text("Research tool, not a diagnosis.")).to_be_visible()
+        expect(page.locator("#patient")).to_be_hidden()  # this model takes no metadata
 
-            page.set_input_files("#files", str(image))
-            card = page.locator(".result").first
-            expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
-            assert card.locator("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 32
-            bars = card.locator(".bar")
-            expect(bars).to_have_count(len(CLASSES))
-            shown = [float(bars.nth(i).get_attribute("data-probability")) for i in range(len(CLASSES))]
-            assert sum(shown) == pytest.approx(1, abs=1e-4)
-            predicted = card.locator(".predicted").inner_text()
-            assert predicted == CLASSES[int(np.argmax(shown))]
-            expect(card.locator(".melanoma")).to_contain_text("threshold 0.100")
+        page.set_input_files("#files", str(image))
+        card = page.locator(".result").first
+        expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
+        assert card.locator("img.overlay").evaluate("img => img.complete && img.naturalWidth") == 32
+        bars = card.locator(".bar")
+        expect(bars).to_have_count(len(CLASSES))
+        shown = [float(bars.nth(i).get_attribute("data-probability")) for i in range(len(CLASSES))]
+        assert sum(shown) == pytest.approx(1, abs=1e-4)
+        predicted = card.locator(".predicted").inner_text()
+        assert predicted == CLASSES[int(np.argmax(shown))]
+        expect(card.locator(".melanoma")).to_contain_text("threshold 0.100")
 
-            page.set_input_files("#files", str(text))
-            error = page.locator(".result.failed .error")
-            expect(error).to_have_text(f"error: {NOT_AN_IMAGE}", timeout=60_000)
-            expect(page.locator(".result")).to_have_count(2)  # the first answer stays
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-        finally:
-            browser.close()
+        page.set_input_files("#files", str(text))
+        error = page.locator(".result.failed .error")
+        expect(error).to_have_text(f"error: {NOT_AN_IMAGE}", timeout=60_000)
+        expect(page.locator(".result")).to_have_count(2)  # the first answer stays
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_person_gives_the_patients_age_sex_and_site_in_chromium(learned, tmp_path):  # noqa: F811
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     path, images, _, _, _, _ = learned
     scan = tmp_path / "scan.png"
     Image.fromarray(images[0]).save(scan)
-    with serving(path) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            expect(page.locator("#model")).to_contain_text("with the patient's age, sex and body site")
-            expect(page.locator("#patient")).to_be_visible()
-            page.fill("#age", "61")
-            page.select_option("#sex", "female")
-            page.select_option("#site", "chest")
-            page.set_input_files("#files", str(scan))
-            card = page.locator(".result").first
-            expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
-            expect(card.locator(".given")).to_have_text("with the patient's age 61, sex female, body site chest")
-            expect(card.locator(".predicted")).to_have_text(CLASSES[patient.SITES.index("chest")])
+    with serving(path) as url, chromium_page(url) as page:
+        expect(page.locator("#model")).to_contain_text("with the patient's age, sex and body site")
+        expect(page.locator("#patient")).to_be_visible()
+        page.fill("#age", "61")
+        page.select_option("#sex", "female")
+        page.select_option("#site", "chest")
+        page.set_input_files("#files", str(scan))
+        card = page.locator(".result").first
+        expect(card.locator("img.overlay")).to_be_visible(timeout=60_000)
+        expect(card.locator(".given")).to_have_text("with the patient's age 61, sex female, body site chest")
+        expect(card.locator(".predicted")).to_have_text(CLASSES[patient.SITES.index("chest")])
 
-            page.select_option("#site", "face")
-            page.set_input_files("#files", str(scan))
-            expect(page.locator(".result")).to_have_count(2)
-            expect(page.locator(".result").first.locator(".predicted")).to_have_text(
-                CLASSES[patient.SITES.index("face")], timeout=60_000)
+        page.select_option("#site", "face")
+        page.set_input_files("#files", str(scan))
+        expect(page.locator(".result")).to_have_count(2)
+        expect(page.locator(".result").first.locator(".predicted")).to_have_text(
+            CLASSES[patient.SITES.index("face")], timeout=60_000)
 
-            page.fill("#age", "200")
-            page.set_input_files("#files", str(scan))
-            expect(page.locator(".result.failed .error")).to_have_text(
-                "error: scan.png: age '200' is not a number of years from 0 to 120; leave it blank if unknown",
-                timeout=60_000)
-            page.screenshot(path=str(tmp_path / "app_metadata.png"), full_page=True)
-        finally:
-            browser.close()
+        page.fill("#age", "200")
+        page.set_input_files("#files", str(scan))
+        expect(page.locator(".result.failed .error")).to_have_text(
+            "error: scan.png: age '200' is not a number of years from 0 to 120; leave it blank if unknown",
+            timeout=60_000)
+        page.screenshot(path=str(tmp_path / "app_metadata.png"), full_page=True)
