@@ -68,15 +68,12 @@ class Classifier(nn.Module):
         the same ``head`` params (``hidden``, ``dropout``), now ``PATIENT_FEATURES``
         wider. An architecture with its own head (FixCaps' capsules, the ResNet-
         Transformer's token) keeps it, and the MLP adds its own logits to the image's."""
+        layers = [nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True)]
         if isinstance(self.head, Head):
             self.head = Head(self.head.in_features + PATIENT_FEATURES, num_classes, **head)
-            self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True))
         else:
-            self.patient = nn.Sequential(nn.Linear(width, PATIENT_FEATURES), nn.ReLU(inplace=True),
-                                         nn.Linear(PATIENT_FEATURES, num_classes))
-            self.patient_logits = True
-
-    patient_logits = False  # True: the metadata adds logits (late fusion), rather than joining the features
+            layers.append(nn.Linear(PATIENT_FEATURES, num_classes))
+        self.patient = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
         features = self.backbone(images)
@@ -85,9 +82,9 @@ class Classifier(nn.Module):
         if patient is None:
             raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; "
                                 "none was given")
-        if self.patient_logits:
-            return self.head(features) + self.patient(patient)
-        return self.head(features, self.patient(patient))
+        if isinstance(self.head, Head):
+            return self.head(features, self.patient(patient))
+        return self.head(features) + self.patient(patient)  # a head of its own: the metadata adds logits
 
 
 # --- pretrained torchvision backbones --------------------------------------------
