@@ -14,6 +14,7 @@ class FileServer:
         self.cuts: dict[str, list[int]] = {}  # path -> bytes to send before dropping, per request
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.honour_range = True
+        self.unannounced: set[str] = set()  # paths sent without Content-Length (the body ends at close)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +40,8 @@ class FileServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if self.path not in server.unannounced:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 payload = body[start:]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skinlesion import PipelineError
+from skinlesion.untrusted import member_path
 
 IMAGE_NAME = re.compile(r"^(?P<id>.+)\.jpe?g$", re.IGNORECASE)
 MASK_NAME = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
@@ -44,17 +45,8 @@ class Member:
 
 
 def check_member_name(archive: str, name: str) -> None:
-    normalized = posixpath.normpath(name.replace("\\", "/"))
-    if (
-        normalized.startswith("/")
-        or re.match(r"^[A-Za-z]:", normalized)
-        or normalized == ".."
-        or normalized.startswith("../")
-    ):
-        raise PipelineError(
-            f"{archive}: member '{name}' points outside the folder it would be extracted to; "
-            f"refusing this archive (it may be malicious)"
-        )
+    """Refuse an archive whose member ``name`` would land outside its folder."""
+    member_path(name, archive)
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -99,6 +91,15 @@ class Collector:
     def close(self) -> None:
         for archive in self._archives:
             archive.close()
+
+    def on_disk(self, members: Iterable[Member]) -> list[Path]:
+        """The files on disk that ``members`` are read from: loose files, and the zips
+        they came from (not the nested zips unpacked into scratch)."""
+        loose = [member.path for member in members if member.path is not None]
+        scratch = Path(self.scratch).resolve()
+        zips = [Path(archive.filename) for archive in self._archives
+                if scratch not in Path(archive.filename).resolve().parents]
+        return loose + zips
 
     def collect(self, paths: Iterable[Path]) -> list[Member]:
         members: list[Member] = []
@@ -163,7 +164,9 @@ class Collector:
             return member.path
         target = Path(tempfile.mkdtemp(dir=self.scratch)) / member.name
         try:
-            target.write_bytes(member.read())
+            with member.open() as source, open(target, "wb") as copy:  # streamed: memory stays at one chunk
+                while chunk := source.read(1 << 20):
+                    copy.write(chunk)
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
             raise PipelineError(f"{member.origin} cannot be read from its zip ({error}); the archive is damaged: "
                                 f"copy it again") from None

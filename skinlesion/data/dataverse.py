@@ -3,6 +3,7 @@ the MD5 the server's file listing publishes."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,8 +11,12 @@ import requests
 
 from skinlesion import PipelineError
 from skinlesion.data.archives import names
-from skinlesion.data.http import fetch
+from skinlesion.data.http import capped_body, fetch
 from skinlesion.files import file_digest
+from skinlesion.untrusted import file_name, inside, shown
+
+MAX_LISTING = 16 * 2**20  # bytes of a file listing (HAM10000's is a few kB)
+ALGORITHMS = ("md5", "sha1", "sha256", "sha512")
 
 DATAVERSE_FILES = {
     "images": re.compile(r"^HAM10000_images.*\.zip$", re.IGNORECASE),
@@ -27,20 +32,29 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
     server = server.rstrip("/")
     listing_url = f"{server}/api/datasets/:persistentId/versions/:latest-published/files"
     try:
-        response = session.get(listing_url, params={"persistentId": doi}, timeout=(15, 60))
-        response.raise_for_status()
-        entries = response.json()["data"]
-    except (requests.RequestException, ValueError, KeyError) as error:
+        with session.get(listing_url, params={"persistentId": doi}, timeout=(15, 60), stream=True) as response:
+            response.raise_for_status()
+            body = capped_body(response, MAX_LISTING, f"the file listing of {doi} at {server}")
+        entries = json.loads(body)["data"]
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError("'data' is not a list of files")
+    except (requests.RequestException, ValueError, KeyError, TypeError) as error:
         raise PipelineError(
             f"cannot list the files of {doi} at {server} ({error}); check the network, or use "
             f"download.source=local with a copy of HAM10000 (see README, 'Offline')"
         ) from None
     chosen: dict[str, list[dict]] = {kind: [] for kind in DATAVERSE_FILES}
+    where = f"the file listing of {doi} at {server}"
     for entry in entries:
-        data_file = entry.get("dataFile", {})
+        data_file = entry.get("dataFile") or {}
+        if not isinstance(data_file, dict):
+            continue
         name = data_file.get("originalFileName") or data_file.get("filename") or entry.get("label", "")
+        if not isinstance(name, str):
+            continue
         for kind, pattern in DATAVERSE_FILES.items():
             if pattern.match(name):
+                file_name(name, where)  # it becomes a path in the cache: a plain name, or refused
                 chosen[kind].append({**data_file, "_name": name})
     if not chosen["images"] or not chosen["metadata"]:
         raise PipelineError(
@@ -51,18 +65,37 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
     for kind in DATAVERSE_FILES:
         for data_file in sorted(chosen[kind], key=lambda f: f["_name"]):
             original = bool(data_file.get("originalFileName"))
-            url = f"{server}/api/access/datafile/{data_file['id']}" + ("?format=original" if original else "")
-            checksum = data_file.get("checksum") or {}
-            if checksum.get("type") and checksum.get("value"):
-                expected = (checksum["type"].lower().replace("-", ""), checksum["value"])
-            elif data_file.get("md5"):
-                expected = ("md5", data_file["md5"])
-            else:
-                raise PipelineError(f"{data_file['_name']}: the Dataverse listing gives no checksum")
+            file_id = data_file.get("id")
+            if isinstance(file_id, bool) or not isinstance(file_id, int) or file_id < 0:
+                raise PipelineError(f"{where}: {shown(data_file['_name'])} has the file id {shown(file_id)!r}, "
+                                    f"not a whole number; refusing the listing")
+            url = f"{server}/api/access/datafile/{file_id}" + ("?format=original" if original else "")
+            expected = _checksum(data_file, where)
             size = data_file.get("originalFileSize") if original else data_file.get("filesize")
-            path = fetch(url, cache / data_file["_name"], size=size, checksum=expected,
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+                raise PipelineError(f"{where}: {shown(data_file['_name'])} has the size {shown(size)!r}, not a "
+                                    f"number of bytes; refusing the listing")
+            path = fetch(url, inside(cache, data_file["_name"], where), size=size, checksum=expected,
                          retries=retries, session=session)
             paths.append(path)
             record.append({"name": path.name, "url": url, expected[0]: expected[1],
                            "sha256": file_digest(path)})
     return paths, {"files": record}
+
+
+def _checksum(data_file: dict, where: str) -> tuple[str, str]:
+    """The (algorithm, hex digest) the listing gives for ``data_file``, checked."""
+    checksum = data_file.get("checksum") or {}
+    if not isinstance(checksum, dict):
+        checksum = {}
+    if checksum.get("type") and checksum.get("value"):
+        expected = (str(checksum["type"]).lower().replace("-", ""), checksum["value"])
+    elif data_file.get("md5"):
+        expected = ("md5", data_file["md5"])
+    else:
+        raise PipelineError(f"{shown(data_file['_name'])}: the Dataverse listing gives no checksum")
+    algorithm, digest = expected
+    if algorithm not in ALGORITHMS or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{32,128}", digest):
+        raise PipelineError(f"{where}: {shown(data_file['_name'])} has the checksum {shown(algorithm)} "
+                            f"{shown(digest)!r}, not one of {', '.join(ALGORITHMS)} in hex; refusing the listing")
+    return expected

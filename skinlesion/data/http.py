@@ -16,11 +16,24 @@ import requests
 from skinlesion import PipelineError
 from skinlesion.files import file_digest
 from skinlesion.progress import bar
+from skinlesion.untrusted import TooLarge, shown
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16  # small reads: a cut connection loses at most this much of what arrived
 TIMEOUT = (15, 60)  # connect, read (seconds)
+MAX_UNLISTED = 32 * 2**30  # a download whose size nothing states stops here
+
+
+def capped_body(response: requests.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed ``response``, read no further than ``limit`` bytes."""
+    parts, received = [], 0
+    for chunk in response.iter_content(CHUNK):
+        received += len(chunk)
+        if received > limit:
+            raise TooLarge(f"{what} is larger than {limit / 2**20:.0f} MiB; refusing it")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def verify(path: Path, *, size: int | None = None, checksum: tuple[str, str] | None = None,
@@ -114,13 +127,26 @@ def _download_once(session: requests.Session, url: str, part: Path, size: int | 
             offset = 0
         mode = "ab" if offset else "wb"
         remaining = response.headers.get("Content-Length")
+        if remaining is not None and not remaining.strip().isdigit():
+            raise PipelineError(f"{url}: the server sent the length {shown(remaining)!r}, not a number of bytes")
         total = offset + int(remaining) if remaining is not None else size
+        # Never more than the listing says (or, unlisted, than the server announced): checked while reading.
+        limit = size if size is not None else total if total is not None else MAX_UNLISTED
+        if total is not None and total > limit:
+            raise PipelineError(f"{url}: the server announces {total} bytes, more than the {limit} listed; "
+                                f"refusing the download")
         received = 0
         with open(part, mode) as handle, bar(total=total, initial=offset, unit="B", unit_scale=True,
                                              unit_divisor=1024, desc=part.name[: -len(".part")]) as progress:
             for chunk in response.iter_content(CHUNK):
-                handle.write(chunk)
                 received += len(chunk)
+                if offset + received > limit:
+                    handle.close()
+                    part.unlink(missing_ok=True)
+                    raise PipelineError(f"{url}: the server sent more than the {limit} bytes "
+                                        f"{'listed' if size is not None else 'it announced'}; the download was "
+                                        f"deleted. Run again to retry")
+                handle.write(chunk)
                 progress.update(len(chunk))
         if remaining is not None and received < int(remaining):
             raise _Incomplete(f"got {received} of {remaining} bytes")

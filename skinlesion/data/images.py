@@ -24,13 +24,20 @@ with several frames is read at its first. Colour profiles (ICC) are not applied.
 
 from __future__ import annotations
 
+import os
+import warnings
 import zipfile
 import zlib
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS, TooLarge, read_capped
+
+# Pillow warns from 89 megapixels on; this module's own cap (MAX_PIXELS, lower) refuses such
+# an image in one line instead, so the warning would only add a second, misleading one.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 CONVERTED = {"L", "P", "CMYK", "YCbCr", "RGBX"}
 WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa"}
@@ -55,9 +62,22 @@ def read(source) -> bytes:
     """The bytes of ``source``: bytes, a path, or anything with ``read()`` (an archive
     member, a binary file). Raises Unusable saying why they cannot be read."""
     if isinstance(source, (bytes, bytearray)):
+        if len(source) > MAX_FILE_BYTES:
+            raise Unusable(f"is larger than {MAX_FILE_BYTES // 2**20} MiB, the cap for one image; refusing it")
         return bytes(source)
     try:
-        return source.read() if hasattr(source, "read") else Path(source).read_bytes()
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as handle:
+                return read_capped(handle, MAX_FILE_BYTES, "it")
+        if hasattr(source, "open"):  # an archive member: its stated size first, then no further than the cap
+            if source.size > MAX_FILE_BYTES:
+                raise TooLarge("it")
+            with source.open() as handle:
+                return read_capped(handle, MAX_FILE_BYTES, "it")
+        return read_capped(source, MAX_FILE_BYTES, "it")
+    except TooLarge:
+        raise Unusable(f"is larger than {MAX_FILE_BYTES // 2**20} MiB, the cap for one image; refusing to read "
+                       f"it") from None
     except PermissionError:
         raise Unusable("cannot be read: permission denied; give this user read access to it") from None
     except FileNotFoundError:
@@ -96,7 +116,13 @@ def decode(data: bytes, size: int | None = None) -> Image.Image:
         with Image.open(BytesIO(data)) as image:
             if size is not None:
                 image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
+            width, height = image.size
+            if width * height > MAX_PIXELS:  # before a pixel is decoded: memory stays bounded
+                raise Unusable(f"is {width} x {height} pixels, over the cap of {MAX_PIXELS / 1e6:.0f} megapixels "
+                               f"for one image; downscale it")
             oriented = ImageOps.exif_transpose(image)  # decodes every pixel: a damaged file fails here
+    except Unusable:
+        raise
     except Image.DecompressionBombError as error:
         raise Unusable(f"is implausibly large ({_first_line(error)}); refusing to decode it") from None
     except UnidentifiedImageError:
@@ -132,6 +158,8 @@ def mask_problem(source) -> str | None:
         if not data:
             return "is empty (0 bytes), not an image; copy it again"
         with Image.open(BytesIO(data)) as mask:
+            if mask.size[0] * mask.size[1] > MAX_PIXELS:
+                return f"is {mask.size[0]} x {mask.size[1]} pixels, over the cap of {MAX_PIXELS / 1e6:.0f} megapixels"
             mask.load()
     except Unusable as error:
         return str(error)

@@ -12,7 +12,7 @@ import requests
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import metadata
-from skinlesion.data.archives import CHECKSUM_FILE, SHOWN, check_member_name, names
+from skinlesion.data.archives import CHECKSUM_FILE, IMAGE_NAME, SHOWN, check_member_name, names
 from skinlesion.data.checksums import read_checksums, write_checksums
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
@@ -55,6 +55,13 @@ def download_isic2018(base_url: str, cache: Path, *, retries: int, session: requ
                     f"{cache / CHECKSUM_FILE}); if the change is expected, delete that line"
                 ) from None
             raise
+        if name not in known:  # a first download is recorded only once it is what it claims to be
+            try:
+                _validate(name, path)
+            except PipelineError as error:
+                path.unlink(missing_ok=True)
+                raise PipelineError(f"{error}. The download was deleted and no checksum recorded; run again to "
+                                    f"download it afresh, or check {base_url}") from None
         digest = file_digest(path)
         known[name] = digest
         paths.append(path)
@@ -62,6 +69,32 @@ def download_isic2018(base_url: str, cache: Path, *, retries: int, session: requ
     write_checksums(cache / CHECKSUM_FILE, known)
     return paths, {"files": record}
 
+
+
+def _validate(name: str, path: Path) -> None:
+    """Raise PipelineError unless ``path`` is the kind of file the ISIC archive ``name`` is:
+    an image zip with JPEGs, a ground-truth zip with its one-hot CSV, the groupings CSV."""
+    if name.endswith("_GroundTruth.zip"):
+        isic2018_metadata(path, None)
+    elif name.endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise PipelineError(f"{name}: not a zip ({str(error).splitlines()[0]}); the server sent something "
+                                f"else (an error page?)") from None
+        for member in members:
+            check_member_name(name, member)
+        if not any(IMAGE_NAME.match(member.rsplit("/", 1)[-1]) for member in members):
+            raise PipelineError(f"{name}: a zip without a single JPEG image; not the ISIC 2018 images")
+    else:
+        try:
+            columns = pd.read_csv(path, dtype=str, nrows=5).columns
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            raise PipelineError(f"{name}: not a readable CSV ({str(error).splitlines()[0]}); the server sent "
+                                f"something else (an error page?)") from None
+        if not {"image", "lesion_id"} <= set(columns):
+            raise PipelineError(f"{name}: expected columns image, lesion_id; not the ISIC 2018 lesion groupings")
 
 
 def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path | None) -> pd.DataFrame:
