@@ -31,10 +31,11 @@ import pandas as pd
 from skinlesion import CLASSES, PipelineError, cli, modelfile, params
 from skinlesion.data import archives
 from skinlesion.data.images import Unusable, load_image
-from skinlesion.data.patient_input import first_problem
+from skinlesion.data.patient_input import column_problem, duplicate_problem, first_problem
 from skinlesion.evaluation import calibrate, evaluate, external, inference
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
+from skinlesion.untrusted import refuse_overwrite
 
 log = logging.getLogger("skinlesion.predict")
 MAX_BYTES = 64 * 2**30
@@ -43,6 +44,7 @@ MAX_BYTES = 64 * 2**30
 # that while stacked).
 CHUNK = 2048
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+OUTPUT_HEADER = b"file,image_id,"
 
 
 def printable(name: str) -> str:
@@ -119,6 +121,16 @@ def check_output(out: Path, example: str) -> None:
                             f"system); choose another -o")
 
 
+def earlier_output(path: Path) -> bool:
+    """Whether ``path`` holds what this command writes (its CSV header), so that it may be
+    skipped and replaced; anything else at -o is an input, never written over."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(OUTPUT_HEADER)) == OUTPUT_HEADER
+    except OSError:
+        return False
+
+
 def to_classify(members: list[archives.Member], out: Path, include_masks: bool) -> list[archives.Member]:
     """``members`` less what is not an input: what the HAM10000 layout names as lesion
     masks (unless asked for), metadata tables and checksum lists; hidden and system
@@ -133,7 +145,8 @@ def to_classify(members: list[archives.Member], out: Path, include_masks: bool) 
             skipped["table"] += 1
         elif member.name.startswith(".") or member.name.lower() in SYSTEM_FILES:
             skipped["hidden"] += 1
-        elif member.path is not None and member.name == out.name and member.path.resolve() == out.resolve():
+        elif member.path is not None and member.name == out.name and member.path.resolve() == out.resolve() \
+                and earlier_output(member.path):
             skipped["earlier"] += 1
         else:
             kept.append(member)
@@ -161,13 +174,14 @@ def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFram
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise PipelineError(f"--metadata {path}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") from None
-    if "image_id" not in table:
-        raise PipelineError(f"--metadata {path}: no image_id column; {fix}")
+    problem = column_problem(table.columns) or duplicate_problem(table)
+    if problem:
+        raise PipelineError(f"--metadata {path}: {problem}")
     found = first_problem(table, info["patient"])
     if found:
         row, problem = found
         raise PipelineError(f"--metadata {path}, line {row + 2} ({table['image_id'].iloc[row]}): {problem}")
-    return table.drop_duplicates("image_id", keep="last").set_index("image_id")
+    return table.set_index("image_id")
 
 
 def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int, *,
@@ -178,7 +192,9 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
-            members = to_classify(collector.collect(inputs), out, include_masks)
+            collected = collector.collect(inputs)
+            members = to_classify(collected, out, include_masks)
+            refuse_overwrite(out, [model_path, metadata, *collector.on_disk(members)])
             if not members:
                 raise PipelineError(f"no files to classify in {', '.join(map(str, inputs))}; give images, "
                                     f"folders or zips of them")
@@ -231,6 +247,7 @@ def read_labels(labels: Path) -> set[str]:
 def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, batch_size: int,
                  mel_specificity: float) -> int:
     check_output(out, "metrics.json")
+    refuse_overwrite(out, [model_path, labels, source])
     wanted = read_labels(labels) if labels is not None else None
     logits_of, info = load_predictor(model_path)
     if list(info["classes"]) != list(CLASSES):
@@ -246,8 +263,11 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         return frame[frame["image_id"].isin(wanted)]
 
     # a labelled set is scored whole: the intervals resample its lesions
+    # Every file of the source may be read (its metadata CSV, its images): none may be -o, bar an
+    # earlier metrics file.
+    reads = lambda files: refuse_overwrite(out, [f for f in files if f.suffix.lower() != ".json"])
     scored, pixels, errors, listed = external.load_labelled([source], info["image_size"], decode_all,
-                                                            select=labelled)
+                                                            select=labelled, check=reads)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     if not len(scored):

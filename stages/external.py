@@ -23,7 +23,8 @@ def main(params):
         if listed:
             model, info = modelfile.load(Path("models/model.pt"))
             sources = [external.locate(entry, params["external"]) for entry in listed]
-            results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all)
+            own = external.OwnData.of(Path("data/prepared"))
+            results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all, own)
     write_json(Path("metrics/external.json"), results, sort_keys=False)
     for name, result in results.items():
         logging.info("%s (%d images): balanced accuracy %.3f, accuracy %.3f, macro ROC AUC %.3f", name,

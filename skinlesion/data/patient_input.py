@@ -41,3 +41,47 @@ def first_problem(frame: pd.DataFrame, spec: dict) -> tuple[int, str] | None:
         if problem:
             return position, problem
     return None
+
+
+# Names that mean one of the expected columns; a table that uses them (or the expected
+# names in another case) would otherwise be read as all unknown without a word.
+LOOK_ALIKES = {
+    "image_id": ("image", "imageid", "image_name", "isic_id"),
+    "age": ("age_approx", "patient_age", "years", "age_years"),
+    "sex": ("gender", "patient_sex"),
+    "localization": ("location", "localisation", "site", "body_site", "bodysite", "anatom_site",
+                     "anatom_site_general", "anatom_site_general_challenge", "body_part", "region"),
+}
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def column_problem(columns) -> str | None:
+    """What is wrong with a metadata table's header, or None: each of image_id, age, sex and
+    localization must be there by that name, and no other column may look like one of them."""
+    columns = [str(c) for c in columns]
+    for expected, alikes in LOOK_ALIKES.items():
+        similar = [c for c in columns if c != expected and (_key(c) == expected or _key(c) in alikes)]
+        present = expected in columns
+        if similar and not (present and expected == "image_id"):  # a second id column changes no answer
+            return (f"column '{similar[0]}' looks like '{expected}'"
+                    + ("; there is a column by that name too: remove one" if present
+                       else f"; rename it to '{expected}' (the names are exact, in lower case)"))
+    missing = [c for c in LOOK_ALIKES if c not in columns]
+    if missing:
+        return (f"no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}; give columns image_id, age, sex, "
+                f"localization (blank or 'unknown' where not known)")
+    return None
+
+
+def duplicate_problem(frame: pd.DataFrame) -> str | None:
+    """Two rows for one image_id, named by their lines, or None."""
+    duplicated = frame["image_id"].astype(str).str.strip().duplicated(keep=False).to_numpy()
+    if not duplicated.any():
+        return None
+    lines = [i + 2 for i in duplicated.nonzero()[0]]
+    first = frame["image_id"].iloc[lines[0] - 2]
+    same = [line for line in lines if frame["image_id"].iloc[line - 2] == first]
+    return f"image_id {first} is on lines {', '.join(map(str, same[:5]))}; give one row per image"

@@ -89,6 +89,11 @@ def _external(external: dict[str, dict] | None) -> list[str]:
             lines.append(f"| {name} | {figures['images']} | {_ci(figures['balanced_accuracy'], eci.get('balanced_accuracy'))}"
                          f" | {_ci(figures['accuracy'], eci.get('accuracy'))} | "
                          f"{_ci(figures['macro_roc_auc'], eci.get('macro_roc_auc'))} |")
+        for name, figures in external.items():
+            shared = (figures.get("shared_with_own_data") or {}).get("images", 0)
+            if shared:
+                lines.append(f"\n**{name} is not an external test**: {shared} of its {figures['images']} images are "
+                             f"the data this model was built from (same image, lesion or pixels).")
     return lines
 
 

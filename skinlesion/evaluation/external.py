@@ -6,17 +6,20 @@ headline metrics, intervals and plots."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import requests
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import archives, assemble, isic2018
+from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation import evaluate, inference
 
 log = logging.getLogger(__name__)
@@ -61,14 +64,18 @@ def locate(entry: dict, settings: dict) -> Source:
 
 
 def load_labelled(paths: list[Path], size: int, decode_all, *, metadata: pd.DataFrame | None = None,
-                  metadata_origin: str = "", used: list[str] = (), select=None):
+                  metadata_origin: str = "", used: list[str] = (), select=None, check=None):
     """The labelled images of a HAM10000-layout source, decoded as the pipeline decodes:
     the rows that decoded (with ``label``), their pixels, the decoding errors and how many
-    images were listed. ``select`` may narrow the metadata first (a frame to a frame)."""
+    images were listed. ``select`` may narrow the metadata first (a frame to a frame);
+    ``check`` is given the source's files on disk before any is read."""
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
         try:
-            found = assemble.index(collector, collector.collect(paths), metadata_frame=metadata,
+            members = collector.collect(paths)
+            if check is not None:
+                check(collector.on_disk(members))
+            found = assemble.index(collector, members, metadata_frame=metadata,
                                    metadata_origin=metadata_origin, used=used)
             frame = found.metadata if select is None else select(found.metadata).reset_index(drop=True)
             ok, pixels, errors = decode_all([found.images[image_id] for image_id in frame["image_id"]], size)
@@ -88,8 +95,42 @@ def load_source(source: Source, size: int, decode_all):
     return frame, pixels
 
 
-def score_sources(model, info: dict, sources: list[Source], settings: dict, out: Path, decode_all) -> dict[str, dict]:
-    """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name."""
+@dataclass
+class OwnData:
+    """What the pipeline itself was built from (the download stage's source, all splits):
+    its image and lesion ids and a digest of each image's pixels at the working size."""
+    image_ids: set[str]
+    lesion_ids: set[str]
+    size: int
+    digests: set[bytes]
+
+    @classmethod
+    def of(cls, prepared: Path) -> OwnData:
+        data = Prepared(prepared)
+        return cls(set(data.index["image_id"]), set(data.index["lesion_id"]), int(data.images.shape[1]),
+                   {_digest(image) for image in data.images})
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+
+
+def shared_with(own: OwnData, frame: pd.DataFrame, pixels: np.ndarray) -> dict:
+    """How many of a set's images are the pipeline's own: by image_id, by lesion_id, or
+    with identical pixels (a copy under another name), and all of these together."""
+    by_id = frame["image_id"].isin(own.image_ids).to_numpy()
+    by_lesion = frame["lesion_id"].isin(own.lesion_ids).to_numpy()
+    by_pixels = np.array([_digest(image) in own.digests for image in pixels], dtype=bool) \
+        if len(pixels) and pixels.shape[1] == own.size else np.zeros(len(frame), dtype=bool)
+    return {"images": int((by_id | by_lesion | by_pixels).sum()), "by_image_id": int(by_id.sum()),
+            "by_lesion_id": int(by_lesion.sum()), "by_pixels": int(by_pixels.sum())}
+
+
+def score_sources(model, info: dict, sources: list[Source], settings: dict, out: Path, decode_all,
+                  own: OwnData | None = None) -> dict[str, dict]:
+    """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name.
+    With ``own``, each result says how many of its images are the pipeline's own data, and a
+    set that shares any is named in a warning: its figures are not an external test."""
     results = {}
     device = inference.scoring_device()
     model = model.to(device)
@@ -102,4 +143,12 @@ def score_sources(model, info: dict, sources: list[Source], settings: dict, out:
             partial(inference.view_logits, model, info, device=device), info, frame, pixels, settings,
             metrics_path=out / f"{source.name}.json", plots_dir=out / source.name,
             progress=f"external {source.name}")
+        if own is not None:
+            shared = shared_with(own, frame, pixels)
+            results[source.name]["shared_with_own_data"] = shared
+            if shared["images"]:
+                log.warning("warning: external set %s shares %d of its %d images with the data this pipeline was "
+                            "built from (%d by image_id, %d by lesion_id, %d with identical pixels): its figures "
+                            "are not an external test", source.name, shared["images"], len(frame),
+                            shared["by_image_id"], shared["by_lesion_id"], shared["by_pixels"])
     return results
