@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, modelinfo
 from skinlesion.data import patient
 from skinlesion.files import write_bytes
 from skinlesion.training import models
@@ -66,8 +66,10 @@ REQUIRED = ("architecture", "settings", "head", "classes", "image_size", "mean",
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):  # torch's header says nothing
+        return lines[1]
+    return lines[0] if lines else type(error).__name__
 
 
 def _read(path: Path) -> dict:
@@ -100,19 +102,34 @@ def _read(path: Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: a {FORMAT} file without {', '.join(missing)} (damaged, or written by "
                             f"another version); {HINT}")
+    modelinfo.check({key: value for key, value in payload.items() if key != "state_dict"}, str(path), HINT)
+    if not isinstance(payload["state_dict"], dict) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["state_dict"].items()):
+        raise PipelineError(f"{path}: its state_dict is not a mapping of names to tensors (the file is damaged or "
+                            f"was edited); {HINT}")
     return payload
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Classifier, dict]:
     """The model (in eval mode, on ``device``) and its description."""
     payload = _read(Path(path))
-    model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
-                         image_size=payload["image_size"], settings=payload["settings"], head=payload["head"],
-                         patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
+    # Built on the meta device, the architecture costs no memory until the file's own
+    # tensors are put in its place: settings that describe a huge network cannot
+    # exhaust memory beyond the size of the file itself.
+    with torch.device("meta"):
+        model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
+                             image_size=payload["image_size"], settings=payload["settings"], head=payload["head"],
+                             patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
     try:
-        model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as error:
+        model.load_state_dict(payload["state_dict"], assign=True)
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
         raise PipelineError(f"{path}: its weights do not fit its {payload['architecture']} architecture "
                             f"({_first_line(error)}); the file is damaged or was edited; {HINT}") from None
+    if any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()]):
+        raise PipelineError(f"{path}: its weights leave part of its {payload['architecture']} architecture unset; "
+                            f"the file is damaged or was edited; {HINT}")
+    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point()):
+        raise PipelineError(f"{path}: its weights hold NaN or infinite values (a training run that diverged?); "
+                            f"{HINT}")
     info = {key: value for key, value in payload.items() if key != "state_dict"}
     return models.channels_last(model.to(device)).eval(), info

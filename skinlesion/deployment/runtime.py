@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, modelinfo
 from skinlesion.evaluation import calibrate
 from skinlesion.progress import bar
+from skinlesion.untrusted import shown
 
 FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
 INPUT, OUTPUT = "images", "logits"
@@ -41,15 +42,22 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
         raise PipelineError(f"{source if isinstance(model, str) else 'the model'}: not a loadable ONNX file "
                             f"({reason})") from None
     props = session.get_modelmeta().custom_metadata_map
+    where = str(source) if isinstance(model, str) else "the model"
     if props.get("format") != FORMAT:
-        raise PipelineError(f"{source}: not a {FORMAT} file; write one with `dvc repro export`")
-    info = {"architecture": props["architecture"], "classes": json.loads(props["classes"]),
-            "image_size": int(props["image_size"]), "mean": json.loads(props["mean"]),
-            "std": json.loads(props["std"])}
-    if "scoring" in props:
-        info["scoring"] = json.loads(props["scoring"])
-    if "patient" in props:
-        info["patient"] = json.loads(props["patient"])
+        raise PipelineError(f"{where}: not a {FORMAT} file; write one with `dvc repro export`")
+    hint = "export it again with `dvc repro export`"
+    info = {"architecture": props.get("architecture")}
+    for key in ("classes", "image_size", "mean", "std", "scoring", "patient"):
+        if key not in props:
+            if key in ("scoring", "patient"):
+                continue
+            raise PipelineError(f"{where}: its metadata has no {key} (the file is damaged or was edited); {hint}")
+        try:
+            info[key] = json.loads(props[key])
+        except ValueError:
+            raise PipelineError(f"{where}: its metadata field {key} is not JSON ({shown(props[key])!r}; the file is "
+                                f"damaged or was edited); {hint}") from None
+    modelinfo.check(info, where, hint)
     return session, info
 
 

@@ -1,0 +1,104 @@
+"""The description a model file carries (everything but its weights), checked when it is
+loaded, as params are: a model file or an ONNX export from elsewhere is input like any
+other, and a field that would give empty probabilities (a zero std, a zero temperature),
+exhaust memory (an image size of 60,000) or a traceback (text where a number belongs) is
+refused in one line naming the field. No PyTorch here: the ONNX path uses it too."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+
+from skinlesion import PipelineError
+from skinlesion.params import ARCHITECTURES, TTA, Head, Models
+from skinlesion.untrusted import shown
+
+Name = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Scoring(_Strict):
+    tta: Literal[TTA] = "none"
+    tau: FiniteFloat = 0.0
+    log_prior: list[FiniteFloat] | None = None
+    temperature: Annotated[FiniteFloat, Field(gt=0, le=1000)] = 1.0
+    mel_threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
+
+
+class Patient(_Strict):
+    age_scale: Annotated[FiniteFloat, Field(gt=0)]
+    sex: Annotated[list[Name], Field(max_length=16)]
+    localization: Annotated[list[Name], Field(max_length=64)]
+
+    @field_validator("sex", "localization")
+    @classmethod
+    def _distinct(cls, values):
+        if len(set(values)) != len(values):
+            raise ValueError("lists a value twice")
+        return values
+
+
+Channel = Annotated[FiniteFloat, Field(ge=-10, le=10)]
+Spread = Annotated[FiniteFloat, Field(gt=0, le=10)]
+
+
+class ModelInfo(BaseModel):
+    """A model file's description; the ONNX export carries the same fields."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # `format`, `training`: informative only
+    architecture: Literal[ARCHITECTURES]
+    settings: dict[str, Any] = {}
+    head: Head | None = None
+    classes: Annotated[list[Name], Field(min_length=2, max_length=1000)]
+    image_size: Annotated[int, Field(ge=16, le=1024)]  # the prepare stage's own range
+    mean: Annotated[list[Channel], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Spread], Field(min_length=3, max_length=3)]
+    scoring: Scoring | None = None
+    patient: Patient | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, values):
+        if len(set(values)) != len(values):
+            raise ValueError("lists a class twice")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        known = Models.model_fields[self.architecture].annotation.model_fields
+        for key, value in self.settings.items():
+            if key == "head" or key not in known:
+                raise ValueError(f"settings.{key} is not a setting of {self.architecture}")
+            annotation = known[key].annotation
+            metadata = known[key].metadata
+            from pydantic import TypeAdapter
+
+            try:
+                TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).validate_python(
+                    value, strict=True)
+            except ValidationError as error:
+                raise ValueError(f"settings.{key} is {shown(repr(value))} ({error.errors()[0]['msg'].lower()})") from None
+        prior = self.scoring.log_prior if self.scoring else None
+        if prior is not None and len(prior) != len(self.classes):
+            raise ValueError(f"scoring.log_prior has {len(prior)} values for {len(self.classes)} classes")
+        return self
+
+
+def check(info: dict, where: str, hint: str) -> dict:
+    """``info`` (a model file's fields, less the weights) if every field is what it must be;
+    else a PipelineError naming ``where`` and the field."""
+    try:
+        ModelInfo.model_validate(info)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        value = f" is {shown(repr(first['input']))}" if field and first["type"] != "missing" else ""
+        about = f"{field}{value}: " if field else ""
+        raise PipelineError(f"{where}: {about}{message[0].lower() + message[1:]} (the file is damaged or was "
+                            f"edited); {hint}") from None
+    return info
