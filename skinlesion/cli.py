@@ -97,11 +97,11 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     """Which of params.yaml and dvc.yaml does not parse, and where."""
     for name in ("params.yaml", "dvc.yaml"):
         try:
-            yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+            params.parse_yaml(Path(name).read_text(encoding="utf-8"))
         except yaml.YAMLError as broken:
             mark = getattr(broken, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            return f"{name} is not valid YAML ({getattr(broken, 'problem', None) or 'unparsable'}{at}); fix it"
+            return f"{name} is not valid YAML ({getattr(broken, 'problem', None) or 'unparsable'}{at}); fix it"[:300]
         except OSError:
             continue
     return f"a YAML file does not parse ({str(error).splitlines()[0]}); fix it"

@@ -12,6 +12,7 @@ the param and what it may be.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from skinlesion import PipelineError
+from skinlesion.untrusted import shown
 
 ARCHITECTURES = ("simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16", "resnet_transformer", "fixcaps")
 TTA = ("none", "flips", "dihedral")
@@ -247,6 +249,27 @@ class Params(Group):
     explain: Explain
 
 
+# --- reading YAML ----------------------------------------------------------------------
+
+class _NoAliases(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``): a params file has no need of
+    them, and a few hundred bytes of nested aliases expand to gigabytes once validated
+    or printed (the 'billion laughs')."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"uses the alias *{shown(event.anchor, 40)} (aliases are not allowed here: write the "
+                            f"values out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """``text`` as YAML, as the safe loader reads it, aliases refused."""
+    return yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
+
+
 # --- messages ----------------------------------------------------------------------
 
 def _range(constraints: dict) -> str:
@@ -298,29 +321,29 @@ def _message(schema, prefix: str, error: dict) -> str:
     loc = tuple(str(part) for part in error["loc"])
     dotted = ".".join(filter(None, [prefix, *loc]))
     value, kind = error.get("input"), error["type"]
-    shown = f"{value!r}"
+    said = shown(repr(value))
     if kind == "missing":
         return f"params.yaml has no '{dotted}'; add it (see the README's params table)"
     if kind == "extra_forbidden":
         return f"params.yaml: {dotted} is not a known param; remove it or check its spelling"
     if kind in ("literal_error", "enum"):
-        return f"params.yaml: {dotted} is {shown}; expected one of {error['ctx']['expected'].replace(chr(39), '')}"
+        return f"params.yaml: {dotted} is {said}; expected one of {error['ctx']['expected'].replace(chr(39), '')}"
     if kind.startswith(("greater", "less")):
         annotation = _field(schema, tuple(error["loc"])) if error["loc"] else schema
         constraints = _constraints(annotation) or error.get("ctx", {})
         whole = _base(annotation) is int
-        return f"params.yaml: {dotted} is {shown}; expected {'a whole number' if whole else 'a number'} {_range(constraints)}"
+        return f"params.yaml: {dotted} is {said}; expected {'a whole number' if whole else 'a number'} {_range(constraints)}"
     if kind == "value_error":
         return f"params.yaml: {error['msg'].removeprefix('Value error, ')}"
     if kind == "string_pattern_mismatch":
-        return (f"params.yaml: {dotted} is {shown}; use letters, digits, '_', '-' and '.', starting with a "
+        return (f"params.yaml: {dotted} is {said}; use letters, digits, '_', '-' and '.', starting with a "
                 f"letter or digit")
     if kind == "too_short":
-        return f"params.yaml: {dotted} is {shown}; expected a non-empty list"
+        return f"params.yaml: {dotted} is {said}; expected a non-empty list"
     names = {"int": "a whole number", "float": "a number", "string": "text", "bool": "true or false",
              "model": "a mapping", "dict": "a mapping", "list": "a list"}
     wanted = next((text for key, text in names.items() if kind.startswith(key)), error["msg"].lower())
-    return f"params.yaml: {dotted} is {shown} ({type(value).__name__}); expected {wanted}"
+    return f"params.yaml: {dotted} is {said} ({type(value).__name__}); expected {wanted}"
 
 
 def check(schema, value: Any, prefix: str = "") -> Any:
@@ -367,7 +390,7 @@ class DeclaredParams(dict):
 
 def _declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
     try:
-        spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+        spec = parse_yaml(dvc_yaml.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{dvc_yaml} not found; run stages from the project root") from None
     stages = spec.get("stages", {})
@@ -410,13 +433,22 @@ def _interpolate(key: str, values: dict) -> str:
 
 def read_yaml(path: Path) -> dict:
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise PipelineError(f"{path} not found; run stages from the project root") from None
     except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise PipelineError(f"{path} is not valid YAML: {shown(problem, 200)}{at}; fix it") from None
     if not isinstance(values, dict):
         raise PipelineError(f"{path} must be a mapping of param groups")
+    unknown = [key for key in values if key not in Params.model_fields]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), list(Params.model_fields), n=1)
+        raise PipelineError(f"{path}: '{shown(unknown[0])}' is not a param group of this pipeline"
+                            + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + f"; the groups are {', '.join(Params.model_fields)}")
     return values
 
 
