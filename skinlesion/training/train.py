@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
 from skinlesion.training.loader import ArrayLoader
 from skinlesion.training.ranks import Ranks
 from skinlesion.training.schedule import Schedule, make_optimizer
+from skinlesion.untrusted import shown
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +217,15 @@ def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
 
 # --- resume ------------------------------------------------------------------------
 
-def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> bool:
+def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> bool | None:
     """Carry on from ``checkpoint`` if it belongs to this very run and is unfinished;
-    otherwise clear it. Returns whether the run resumed."""
+    otherwise clear it. A damaged checkpoint is set aside (``last.pt.damaged``) with a
+    warning. Returns whether the run resumed; None when a damaged checkpoint had been
+    partly loaded, so that ``run`` must be set up again."""
     resumed = False
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if saved.get("run") == run.run_id and not saved.get("finished"):
+    saved = _read_checkpoint(checkpoint) if checkpoint.exists() else None
+    if saved is not None and saved.get("run") == run.run_id and not saved.get("finished"):
+        try:
             run.model.load_state_dict(saved["model"])
             run.optimizer.load_state_dict(saved["optimizer"])
             run.schedule.load_state_dict(saved["schedule"])
@@ -231,6 +235,10 @@ def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> boo
             torch.set_rng_state(saved["torch_rng"])
             run.state.update(saved["state"])
             resumed = True
+        except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways; training starts over
+            _set_aside(checkpoint, error)
+            return None  # part of it went into ``run``: the caller sets up afresh
+        if resumed:
             log.info("resuming from the checkpoint after epoch %d of %d", run.state["epoch"], run.train["epochs"])
     if not resumed and run.ranks.main:
         checkpoint.unlink(missing_ok=True)
@@ -243,6 +251,26 @@ def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> boo
         with atomic_path(model_path) as tmp:
             shutil.copyfile(best_copy, tmp)
     return resumed
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's contents, or None (and the file set aside) when it cannot be read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict):
+            raise ValueError("not a checkpoint of this project")
+        return saved
+    except Exception as error:  # noqa: BLE001 - truncated, overwritten, foreign: all mean "start over"
+        _set_aside(path, error)
+        return None
+
+
+def _set_aside(path: Path, error: BaseException) -> None:
+    kept = path.with_name(path.name + ".damaged")
+    path.replace(kept)
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    log.warning("warning: the checkpoint %s is damaged (%s); set aside as %s, training starts over",
+                path, shown(reason, 120), kept)
 
 
 def save_checkpoint(run: Run, path: Path, finished: bool) -> None:
@@ -274,10 +302,15 @@ def train_epoch(run: Run, epoch: int) -> dict:
     predictions, targets = [], []
     progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train['epochs']}", unit="batch", leave=False,
                    disable=None if run.ranks.main else True)
-    for images, labels, *patient_rows in progress:
+    for batch, (images, labels, *patient_rows) in enumerate(progress, 1):
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
             logits = run.net(images, *patient_rows)
             loss = run.criterion(logits.float(), labels)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise PipelineError(f"the training loss is {value} at epoch {epoch}, batch {batch} (train.lr is "
+                                f"{run.train['lr']:g}): training diverged; lower train.lr (e.g. to "
+                                f"{run.train['lr'] / 10:g}) and run again")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
@@ -286,7 +319,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         seen += len(labels)
-        loss_sum += loss.item() * len(labels)
+        loss_sum += value * len(labels)
         predicted = logits.detach().argmax(dim=1)
         correct += (predicted == labels).sum().item()
         predictions.append(predicted.cpu())
@@ -403,6 +436,9 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
     run = set_up(config, data, ranks)
     checkpoint, best_copy = Path(checkpoint_dir) / "last.pt", Path(checkpoint_dir) / "best.pt"
     resumed = resume(run, checkpoint, best_copy, model_path)
+    if resumed is None:
+        run = set_up(config, data, ranks)
+        resumed = resume(run, checkpoint, best_copy, model_path)
     log.info("%s: %s parameters on %s; %d train / %d validation images at %d px", run.name,
              f"{models.parameter_count(run.model):,}", run.device, len(data.train_labels), len(data.val_labels),
              data.image_size)
