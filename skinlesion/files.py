@@ -23,14 +23,54 @@ import numpy as np
 import pandas as pd
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+TEMPORARY_SUFFIXES = (".tmp", ".scratch")  # both git-ignored (.gitignore: .*.tmp, .*.scratch)
 
 
-def _temporary(path: Path, create: Callable[[Path], None]) -> Path:
-    """A new, unused name beside ``path``, created by ``create``. An error names the
-    folder, which the user can fix, not the temporary name."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove the temporary names beside ``path`` that a killed process left behind
+    (``.NAME.PID-TOKEN.tmp`` and ``.scratch`` whose PID is gone). A running writer's are
+    kept. Returns what was removed."""
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        name = sibling.name
+        suffix = next((s for s in TEMPORARY_SUFFIXES if name.endswith(s)), None)
+        if suffix is None or not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):-len(suffix)].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
+def _temporary(path: Path, create: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+    """A new, unused name beside ``path``, created by ``create``, after removing what a
+    killed earlier run left there. The name holds this process's id, so the next run
+    knows a leftover from a writer still at work. An error names the folder, which the
+    user can fix, not the temporary name."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     while True:
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        candidate = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
         try:
             create(candidate)
             return candidate
@@ -82,6 +122,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: str | os.PathLike) -> Iterator[Path]:
+    """A scratch folder next to ``beside`` (``.NAME.PID-TOKEN.scratch``), removed at the
+    end; one that a killed run left is removed by the next."""
+    tmp = _temporary(Path(beside), lambda candidate: os.mkdir(candidate, 0o777), suffix=".scratch")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def reserve(path: Path) -> None:

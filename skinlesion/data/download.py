@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import requests
@@ -21,7 +20,7 @@ from skinlesion.data.assemble import assemble
 from skinlesion.data.checksums import verify_local_checksums
 from skinlesion.data.dataverse import download_dataverse
 from skinlesion.data.isic2018 import ISIC2018_FILES, download_isic2018, isic2018_metadata
-from skinlesion.files import atomic_dir
+from skinlesion.files import atomic_dir, scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,8 @@ def download(params: dict, out: Path, cache: Path) -> dict:
         used = [ISIC2018_FILES[1], ISIC2018_FILES[2]]
         info = {"kind": "isic2018", **extra}
 
-    with atomic_dir(out) as building, tempfile.TemporaryDirectory(dir=Path(out).parent,
-                                                                   prefix=".scratch.") as scratch:
-        record = assemble(paths, building, scratch=Path(scratch), max_bytes=max_bytes,
+    with atomic_dir(out) as building, scratch_dir(out) as scratch:
+        record = assemble(paths, building, scratch=scratch, max_bytes=max_bytes,
                           source_info=info, metadata_frame=metadata_frame, used=used)
     log.info("wrote %s: %s", out, json.dumps(record["class_counts"]))
     return record
