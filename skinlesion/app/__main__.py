@@ -18,13 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a name the page may be opened by besides its address and localhost (repeatable); "
+                             "other names are refused, against DNS rebinding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("SKINLESION_PROGRESS", "0")  # one image per request: a progress bar is noise
     from skinlesion.app import server  # after the arguments, so --help does not wait for torch
 
     try:
-        httpd = server.serve(args.model, args.host, args.port)
+        httpd = server.serve(args.model, args.host, args.port, tuple(args.allow_host))
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

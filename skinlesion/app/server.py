@@ -9,6 +9,7 @@ gradients live on the shared model).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import socket
@@ -31,10 +32,18 @@ from skinlesion.data import archives, patient
 from skinlesion.data.patient_input import MAX_AGE, describe_problem
 from skinlesion.evaluation import explain, inference
 from skinlesion.predict import decode_all
+from skinlesion.untrusted import MAX_NAME, shown
 
 log = logging.getLogger("skinlesion.app")
 MAX_UPLOAD = 20 * 2**20  # bytes per request (one image); HAM10000's JPEGs are about 0.3 MB
 NOTICE = "Research tool, not a diagnosis."
+# Memory is bounded by what is admitted at once: ADMITTED uploads held (20 MB each at most),
+# of which DECODERS are decoded at a time (each within the pixel cap of skinlesion.untrusted);
+# the model scores one at a time. A request past ADMITTED is told to try again (503).
+ADMITTED = 8
+DECODERS = 2
+BACKLOG = 128  # connections the kernel queues before accept (socketserver's default is 5)
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
 
 def png_data_url(pixels: np.ndarray) -> str:
@@ -51,6 +60,8 @@ class Analyst:
         self.patient = self.info.get("patient")  # the metadata encoding of a model that takes it
         self.scoring = inference.scoring(self.info)
         self.lock = threading.Lock()
+        self.admitted = threading.BoundedSemaphore(ADMITTED)
+        self.decoders = threading.BoundedSemaphore(DECODERS)
 
     def describe(self) -> dict:
         return {"architecture": self.info["architecture"], "classes": list(self.info["classes"]),
@@ -72,7 +83,8 @@ class Analyst:
                      "localization": site.strip().lower() or "unknown"}
             rows = patient.encode(pd.DataFrame([given]), self.patient)
         member = archives.Member(origin=name, name=name, size=len(data), open=lambda: BytesIO(data))
-        _, pixels, errors = decode_all([member], self.info["image_size"])
+        with self.decoders:
+            _, pixels, errors = decode_all([member], self.info["image_size"])
         if errors:
             return {"file": name, "error": errors[0]}
         classes = list(self.info["classes"])
@@ -98,13 +110,15 @@ class Analyst:
 def _file_name(header: str | None) -> str:
     """The uploaded file's own name (the browser sends it percent-encoded), no folders."""
     name = unquote(header or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    return "".join(c for c in name if c.isprintable())[:200] or "upload"
+    name = "".join(c for c in name if c.isprintable())[:MAX_NAME]
+    return name if name not in ("", ".", "..") else "upload"
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "skinlesion-app"
     timeout = 60  # seconds a connection may stall (a body promised and never sent) before it is dropped
     analyst: Analyst  # set on the subclass that serve() makes
+    allowed_hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -118,8 +132,23 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: HTTPStatus, payload: dict) -> None:
         self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
 
+    def _host_refused(self) -> bool:
+        """Answer 403 to a request whose Host is a name this server does not go by: a page
+        elsewhere whose name was rebound to this machine's address (DNS rebinding) may
+        not read its answers. Addresses written as numbers are always this server's."""
+        host = (self.headers.get("Host") or "").strip()
+        if not host or host_allowed(host, self.allowed_hosts):
+            return False
+        self.close_connection = True
+        self._json(HTTPStatus.FORBIDDEN, {"error": f"Host '{shown(host, 60)}' is not a name of this server; open it by "
+                                                   f"its address (http://127.0.0.1:PORT/), or start it with "
+                                                   f"--allow-host NAME"})
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - the http.server naming
         try:
+            if self._host_refused():
+                return
             if self.path in ("/", "/index.html"):
                 page = resources.files("skinlesion.app").joinpath("page.html").read_bytes()
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
@@ -132,27 +161,50 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         try:
+            if self._host_refused():
+                return
             if self.path != "/api/predict":
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {shown(self.path)}"})
                 return
-            name = _file_name(self.headers.get("X-File-Name"))
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                self._json(HTTPStatus.LENGTH_REQUIRED, {"file": name, "error": f"{name}: upload without a length"})
+            if not self.analyst.admitted.acquire(blocking=False):
+                self._busy()
                 return
-            if int(length) > MAX_UPLOAD:
-                self._discard(int(length))
-                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"file": name, "error": f"{name}: {int(length) / 2**20:.1f} MB is over the "
-                                                   f"{MAX_UPLOAD // 2**20} MB limit per image"})
-                return
-            data = self.rfile.read(int(length))
-            result = self.analyst.analyse(name, data, *(unquote(self.headers.get(f"X-{field}") or "")
-                                                        for field in ("Age", "Sex", "Site")))
-            self._json(HTTPStatus.UNPROCESSABLE_ENTITY if "error" in result else HTTPStatus.OK, result)
+            try:
+                self._predict()
+            finally:
+                self.analyst.admitted.release()
         except Exception as error:  # noqa: BLE001
             self._failed(error)
+
+    def _busy(self) -> None:
+        length = self.headers.get("Content-Length")
+        self._discard(int(length) if length and length.isdigit() else 0)
+        self.send_response(HTTPStatus.SERVICE_UNAVAILABLE)
+        body = json.dumps({"error": f"the server is busy with {ADMITTED} images; try again in a moment"}).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Retry-After", "1")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _predict(self) -> None:
+        name = _file_name(self.headers.get("X-File-Name"))
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._json(HTTPStatus.LENGTH_REQUIRED, {"file": name, "error": f"{name}: upload without a length"})
+            return
+        if int(length) > MAX_UPLOAD:
+            self._discard(int(length))
+            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                       {"file": name, "error": f"{name}: {int(length) / 2**20:.1f} MB is over the "
+                                               f"{MAX_UPLOAD // 2**20} MB limit per image"})
+            return
+        data = self.rfile.read(int(length))
+        result = self.analyst.analyse(name, data, *(unquote(self.headers.get(f"X-{field}") or "")
+                                                    for field in ("Age", "Sex", "Site")))
+        self._json(HTTPStatus.UNPROCESSABLE_ENTITY if "error" in result else HTTPStatus.OK, result)
 
     def _discard(self, length: int) -> None:
         """Read and drop a refused body, so the client (still sending) gets the answer
@@ -180,14 +232,35 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for a browser's open connection
+    request_queue_size = BACKLOG
 
 
 class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000) -> Server:
-    """A server bound to ``host``:``port`` (not yet serving) for the model file."""
+def host_allowed(header: str, names: frozenset[str]) -> bool:
+    """Whether a Host header (``name``, ``name:port``, ``[v6]:port``) names this server:
+    an address written as numbers, or one of ``names``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        bare = header[1:].split("]", 1)[0]
+    else:
+        bare = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    try:
+        ipaddress.ip_address(bare)
+        return True
+    except ValueError:
+        return bare.rstrip(".") in names
+
+
+def serve(model_path: Path, host: str = "127.0.0.1", port: int = 8000, allow_hosts: tuple[str, ...] = ()) -> Server:
+    """A server bound to ``host``:``port`` (not yet serving) for the model file. It answers
+    requests for its addresses, the loopback names, the name it is bound to, this machine's
+    own names when bound to every address, and ``allow_hosts``."""
     analyst = Analyst(Path(model_path))
-    handler = type("BoundHandler", (Handler,), {"analyst": analyst})
+    names = {*LOOPBACK_NAMES, *(name.lower() for name in allow_hosts), host.lower()}
+    if host in ("", "0.0.0.0", "::"):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    handler = type("BoundHandler", (Handler,), {"analyst": analyst, "allowed_hosts": frozenset(names)})
     return (Server6 if ":" in host else Server)((host, port), handler)
