@@ -49,8 +49,11 @@ OUTPUT_HEADER = b"file,image_id,"
 
 def printable(name: str) -> str:
     """``name`` as text that can be written: a file name that is not UTF-8 (from a
-    Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV,
+    and control characters (a terminal's escape codes, a newline that would forge a line)
+    are escaped too."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:

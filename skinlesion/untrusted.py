@@ -74,10 +74,12 @@ def member_path(name: str, what: str) -> str:
     extracted to; else a PipelineError (the archive may be malicious)."""
     normalized = posixpath.normpath(name.replace("\\", "/"))
     parts = normalized.split("/")
-    if (normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized) or ".." in parts
-            or any(not c.isprintable() for c in normalized)):
+    if normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized) or ".." in parts:
         raise PipelineError(f"{what}: member '{shown(name)}' points outside the folder it would be extracted "
                             f"to; refusing this archive (it may be malicious)")
+    if "\0" in normalized:  # no file system takes it; other control characters are shown escaped
+        raise PipelineError(f"{what}: member '{shown(name)}' holds a NUL character; refusing this archive (it "
+                            f"may be malicious)")
     return normalized
 
 

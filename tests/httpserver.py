@@ -15,6 +15,7 @@ class FileServer:
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.honour_range = True
         self.unannounced: set[str] = set()  # paths sent without Content-Length (the body ends at close)
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -23,6 +24,12 @@ class FileServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404)

@@ -108,6 +108,41 @@ def test_a_body_longer_than_its_listed_size_is_cut_off_while_reading(http_server
     assert not list(tmp_path.iterdir())  # neither the file nor its .part
 
 
+def test_a_redirect_to_a_local_file_or_a_listing_nested_past_reason_is_one_line(http_server, synthetic_zips,
+                                                                                 tmp_path):
+    http_server.redirects["/away"] = "file:///etc/passwd"
+    with pytest.raises(PipelineError, match="sent an unusable answer"):
+        fetch(f"{http_server.url}/away", tmp_path / "passwd", retries=0)
+    assert not list(tmp_path.iterdir())
+    serve_dataverse(http_server, synthetic_zips)
+    http_server.files[LISTING] = b"[" * 200_000 + b"]" * 200_000  # deeper than any parser's recursion
+    with pytest.raises(PipelineError, match="cannot list the files of"):
+        download.download(dataverse_params(http_server, tmp_path), tmp_path / "raw", tmp_path / "cache")
+
+
+def test_a_zip_that_holds_itself_or_nests_too_deep_is_refused(kit, tmp_path):
+    inner = kit.image.read_bytes()
+    name = "ISIC_0024306.jpg"
+    for depth in range(10):
+        buffer = tmp_path / f"level{depth}.zip"
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr(name, inner)
+        inner, name = buffer.read_bytes(), f"level{depth}.zip"
+    result = run([*PREDICT, kit.model, tmp_path / "level9.zip", "-o", tmp_path / "out.csv"], tmp_path)
+    assert_one_line(result, 2, "zips nested more than 8 deep; refusing this archive")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_control_characters_in_a_file_name_are_shown_escaped(kit, tmp_path):
+    with zipfile.ZipFile(tmp_path / "scans.zip", "w") as archive:
+        archive.writestr("ok.jpg", kit.image.read_bytes())
+        archive.writestr("\x1b[2Jforged\nerror: all fine.jpg", b"not an image")
+    result = run([*PREDICT, kit.model, tmp_path / "scans.zip", "-o", tmp_path / "out.csv"], tmp_path)
+    assert result.returncode == 1 and "\x1b" not in result.stderr and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: scans.zip:\\x1b[2Jforged\\nerror: all fine.jpg is not an image (no format Pillow recognises)"]
+
+
 def test_a_bad_first_isic_download_is_not_recorded_and_the_real_file_then_passes(http_server, synthetic_zips,
                                                                                  tmp_path):
     files = serve_isic(http_server, synthetic_zips)

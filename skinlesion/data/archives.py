@@ -14,19 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skinlesion import PipelineError
-from skinlesion.untrusted import member_path
+from skinlesion.untrusted import member_path, shown
 
 IMAGE_NAME = re.compile(r"^(?P<id>.+)\.jpe?g$", re.IGNORECASE)
 MASK_NAME = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
 TABLE_SUFFIXES = {".csv", ".tab", ".tsv"}
 CHECKSUM_FILE = "SHA256SUMS"
 SHOWN = 5  # how many offending files a message lists
+MAX_NESTING = 8  # zips inside zips, this deep at most
+MAX_MEMBERS = 1_000_000  # files listed by all the archives of one source
 
 
 def names(items: list[str]) -> str:
     """The first few of ``items`` for a message, and how many more there are."""
-    shown = ", ".join(items[:SHOWN])
-    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+    listed = ", ".join(shown(item, 120) for item in items[:SHOWN])  # escaped: names come from outside
+    return listed + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Collector:
         self.scratch = scratch
         self.max_bytes = max_bytes
         self.unpacked = 0
+        self.listed = 0
         self._archives: list[zipfile.ZipFile] = []
 
     def close(self) -> None:
@@ -127,13 +130,20 @@ class Collector:
             size = 0
         return [Member(origin, path.name, size, lambda p=path: open(p, "rb"), path)]
 
-    def _zip(self, path: Path, origin: str) -> list[Member]:
+    def _zip(self, path: Path, origin: str, depth: int = 1) -> list[Member]:
+        if depth > MAX_NESTING:  # a zip that holds itself (a "zip quine") would never end
+            raise PipelineError(f"{shown(origin, 200)}: zips nested more than {MAX_NESTING} deep; refusing this "
+                                f"archive (it may be malicious)")
         try:
             archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as error:
-            raise PipelineError(f"{origin}: not a readable zip ({error})") from None
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise PipelineError(f"{shown(origin, 200)}: not a readable zip ({shown(error)})") from None
         self._archives.append(archive)
         infos = [info for info in archive.infolist() if not info.is_dir()]
+        self.listed += len(infos)
+        if self.listed > MAX_MEMBERS:
+            raise PipelineError(f"{shown(origin, 200)}: archives list more than {MAX_MEMBERS:,} files; refusing to "
+                                f"unpack them (a HAM10000 copy has about 20,000)")
         for info in infos:
             check_member_name(origin, info.filename)
         self.unpacked += sum(info.file_size for info in infos)
@@ -152,7 +162,7 @@ class Collector:
                 with archive.open(info) as source, open(nested, "wb") as target:
                     while chunk := source.read(1 << 20):
                         target.write(chunk)
-                members.extend(self._zip(nested, inner))
+                members.extend(self._zip(nested, inner, depth + 1))
             else:
                 members.append(Member(inner, name, info.file_size,
                                       lambda a=archive, i=info: a.open(i)))

@@ -38,9 +38,9 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
         entries = json.loads(body)["data"]
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise ValueError("'data' is not a list of files")
-    except (requests.RequestException, ValueError, KeyError, TypeError) as error:
+    except (requests.RequestException, ValueError, KeyError, TypeError, RecursionError) as error:
         raise PipelineError(
-            f"cannot list the files of {doi} at {server} ({error}); check the network, or use "
+            f"cannot list the files of {doi} at {server} ({shown(error, 160)}); check the network, or use "
             f"download.source=local with a copy of HAM10000 (see README, 'Offline')"
         ) from None
     chosen: dict[str, list[dict]] = {kind: [] for kind in DATAVERSE_FILES}

@@ -86,6 +86,10 @@ def fetch(
         try:
             _download_once(session, url, part, size)
             break
+        except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.TooManyRedirects, requests.exceptions.InvalidHeader) as error:
+            raise PipelineError(f"{dest.name}: the server at {shown(url)} sent an unusable answer "
+                                f"({shown(error, 160)}); refusing the download") from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 _Incomplete) as error:
             attempt += 1

@@ -17,6 +17,8 @@ from skinlesion.data.checksums import read_checksums, write_checksums
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
 
+MAX_TABLE_BYTES = 64 * 2**20
+
 ISIC2018_FILES = (
     "ISIC2018_Task3_Training_Input.zip",
     "ISIC2018_Task3_Training_GroundTruth.zip",
@@ -107,6 +109,9 @@ def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path | None) -> pd.
             if len(tables) != 1:
                 raise PipelineError(f"{ground_truth_zip.name}: expected one CSV inside, found {tables}")
             check_member_name(ground_truth_zip.name, tables[0])
+            if archive.getinfo(tables[0]).file_size > MAX_TABLE_BYTES:
+                raise PipelineError(f"{ground_truth_zip.name}: its CSV expands to more than "
+                                    f"{MAX_TABLE_BYTES // 2**20} MiB (the real one is under 1 MiB); refusing it")
             with archive.open(tables[0]) as handle:
                 truth = pd.read_csv(handle)
     except (zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
