@@ -38,6 +38,10 @@ from tests.test_download import LISTING, dataverse_params, md5, serve_dataverse,
 
 PREDICT = [sys.executable, "-m", "skinlesion.predict"]
 MiB = 2**20
+# Peak RSS of an ordinary prediction on the 2-core reference machine: about 970 MiB, of which
+# importing torch is 730. A bomb that got through would add its own size (a 13000 x 13000
+# image alone is 480 MiB of pixels; the 3 GiB member, 3 GiB).
+BOUND = 1300
 
 
 def peak_run(command: list, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -246,7 +250,7 @@ def test_a_zip_member_past_the_cap_is_refused_without_reading_it(kit, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "bomb.zip:big.jpg is larger than 128 MiB, the cap for one image" in result.stderr
     assert len(pd.read_csv(tmp_path / "out.csv")) == 1  # the other image is classified
-    assert peak < 1024, f"peak RSS {peak:.0f} MiB"
+    assert peak < BOUND, f"peak RSS {peak:.0f} MiB"
 
 
 @pytest.mark.slow
@@ -256,7 +260,7 @@ def test_an_image_past_the_pixel_cap_is_refused_before_it_is_decoded(kit, tmp_pa
     result, peak = peak_run([*PREDICT, kit.model, png, "-o", tmp_path / "out.csv"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "huge.png is 13000 x 13000 pixels, over the cap of 40 megapixels for one image" in result.stderr
-    assert peak < 1024, f"peak RSS {peak:.0f} MiB"
+    assert peak < BOUND, f"peak RSS {peak:.0f} MiB"
 
 
 # --- the page ---------------------------------------------------------------------------
@@ -348,7 +352,7 @@ def test_the_pages_memory_stays_bounded_under_concurrent_huge_uploads(kit, tmp_p
             thread.join(timeout=120)
         peak = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                         if line.startswith("VmHWM"))) / 1024
-    assert peak < 1024, f"the server's peak RSS was {peak:.0f} MiB"
+    assert peak < BOUND, f"the server's peak RSS was {peak:.0f} MiB"
 
 
 def _serves(process: Path, model: str) -> bool:
@@ -411,7 +415,7 @@ def test_a_model_file_with_a_field_out_of_its_schema_is_refused_in_one_line(kit,
     torch.save(payload, tmp_path / "edited.pt")
     result, peak = peak_run([*PREDICT, tmp_path / "edited.pt", kit.image, "-o", tmp_path / "out.csv"], tmp_path)
     assert_one_line(result, 2, message)
-    assert peak < 1024, f"peak RSS {peak:.0f} MiB"
+    assert peak < BOUND, f"peak RSS {peak:.0f} MiB"
 
 
 @pytest.mark.slow
@@ -455,7 +459,7 @@ def test_a_params_file_with_an_unknown_group_or_an_alias_bomb_is_one_short_line(
         handle.write(text)
     result, peak = peak_run([sys.executable, "-m", "stages.prepare"], project)
     assert_one_line(result, 1, message)
-    assert len(result.stderr) < 600 and peak < 1024
+    assert len(result.stderr) < 600 and peak < BOUND
 
 
 def trained_data(project: Path) -> None:

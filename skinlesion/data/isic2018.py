@@ -77,7 +77,10 @@ def _validate(name: str, path: Path) -> None:
     """Raise PipelineError unless ``path`` is the kind of file the ISIC archive ``name`` is:
     an image zip with JPEGs, a ground-truth zip with its one-hot CSV, the groupings CSV."""
     if name.endswith("_GroundTruth.zip"):
-        isic2018_metadata(path, None)
+        try:
+            isic2018_metadata(path, None)
+        except PipelineError as error:  # its advice (delete the file) is what the caller does
+            raise PipelineError(str(error).split("; delete it and run again")[0]) from None
     elif name.endswith(".zip"):
         try:
             with zipfile.ZipFile(path) as archive:
