@@ -11,7 +11,7 @@ Figures:
   device; the ratio shows whether data loading starves the model.
 - loader: images/s of ArrayLoader alone, and of decoding + resizing JPEGs from
   data/raw (what every epoch would cost without the prepare stage).
-- inference: images/s of the prediction path (skinlesion.inference.predict on
+- inference: images/s of the prediction path (skinlesion.evaluation.predictor on
   uint8 images) against the model's forward pass alone.
 - onnx: images/s of the ONNX export on ONNX Runtime against the same graph in
   PyTorch (uint8 batch in, logits out, normalisation included), both on the CPU
@@ -122,6 +122,7 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
 
     model.eval()
     info = {"image_size": size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "classes": CLASSES}
+    predictor = inference.TorchPredictor(model, info, device)
     # Scoring runs in float32 whatever train.precision says (so PyTorch and the ONNX export
     # give the same probabilities): the baseline is the float32 forward pass.
     def forward_only_rate():
@@ -129,7 +130,7 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
             return batch / timed(lambda: model(fixed), 2, steps, sync)
     forward_only = forward_only_rate()
     predict_rate = count / timed(
-        lambda: inference.predict(model, info, pixels, batch_size=batch, device=device), 1, 2, sync)
+        lambda: predictor.probabilities(pixels, batch_size=batch), 1, 2, sync)
     forward_only = max(forward_only, forward_only_rate())
     return {"model": name, "image_size": size, "batch": batch, "device": str(device),
             "precision": str(dtype).replace("torch.", "") if amp else "float32", "augment": augment,

@@ -22,17 +22,17 @@ import logging
 import os
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from skinlesion import CLASSES, PipelineError, cli, modelfile, params
+from skinlesion import CLASSES, PipelineError, cli, params
 from skinlesion.data import archives
 from skinlesion.data.images import Unusable, load_image
 from skinlesion.data.patient_input import column_problem, duplicate_problem, first_problem
-from skinlesion.evaluation import calibrate, evaluate, external, inference
+from skinlesion.evaluation import evaluate, external
+from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
 from skinlesion.untrusted import refuse_overwrite
@@ -74,8 +74,8 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
     return ok, pixels, errors
 
 
-def classify(logits_of, info: dict, members: list[archives.Member], batch_size: int,
-             desc: str, patient: pd.DataFrame | None = None) -> tuple[list[int], np.ndarray, list[str]]:
+def classify(predictor: Predictor, members: list[archives.Member], batch_size: int, desc: str,
+             patient: pd.DataFrame | None = None) -> tuple[list[int], np.ndarray, list[str]]:
     """Decode and classify ``members`` a chunk at a time; returns the indices that
     worked, their probabilities, and one error line per file that did not. ``patient``:
     the metadata table (indexed by image_id, the file name's stem) for a model that takes it."""
@@ -83,31 +83,30 @@ def classify(logits_of, info: dict, members: list[archives.Member], batch_size: 
     with bar(total=len(members), desc=desc, unit="img") as progress:
         for start in range(0, len(members), CHUNK):
             chunk = members[start:start + CHUNK]
-            found, pixels, failed = decode_all(chunk, info["image_size"])
-            how = inference.scoring(info)
+            found, pixels, failed = decode_all(chunk, predictor.info["image_size"])
             rows = None
             if patient is not None:
                 ids = [Path(chunk[i].name).stem for i in found]
-                rows = inference.patient_rows(info, patient.loc[ids].reset_index(drop=True))
-            parts.append(calibrate.probabilities(logits_of(pixels, tta=how["tta"], batch_size=batch_size,
-                                                           patient=rows), how).astype(np.float32))
+                rows = predictor.patient_rows(patient.loc[ids].reset_index(drop=True))
+            parts.append(predictor.probabilities(pixels, batch_size=batch_size, patient=rows))
             ok += [start + i for i in found]
             errors += failed
             progress.update(len(chunk))
-    probabilities = np.concatenate(parts) if parts else np.zeros((0, len(info["classes"])), np.float32)
+    probabilities = np.concatenate(parts) if parts else np.zeros((0, len(predictor.classes)), np.float32)
     return ok, probabilities, errors
 
 
-def load_predictor(model_path: Path):
-    """``view_logits(pixels, tta=, batch_size=, progress=)`` and the model's description,
-    for a model file or (a name ending in .onnx) its ONNX export."""
+def load_predictor(model_path: Path) -> Predictor:
+    """The predictor for a model file, or (a name ending in .onnx) its ONNX export on ONNX
+    Runtime, which is imported only then."""
     if model_path.suffix.lower() == ".onnx":
-        from skinlesion.deployment import runtime  # ONNX Runtime is loaded only for an ONNX file
+        from skinlesion.deployment import runtime
 
-        session, info = runtime.load(model_path)
-        return partial(runtime.view_logits, session, info), info
-    model, info = modelfile.load(model_path)
-    return partial(inference.view_logits, model, info), info
+        return runtime.OnnxPredictor(*runtime.load(model_path))
+    from skinlesion import modelfile
+    from skinlesion.evaluation import inference
+
+    return inference.TorchPredictor(*modelfile.load(model_path))
 
 
 def check_output(out: Path, example: str) -> None:
@@ -190,7 +189,8 @@ def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFram
 def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: int, *,
                   include_masks: bool = False, metadata: Path | None = None) -> int:
     check_output(out, "predictions.csv")
-    logits_of, info = load_predictor(model_path)
+    predictor = load_predictor(model_path)
+    info = predictor.info
     patient = read_patient(metadata, info, model_path)
     with tempfile.TemporaryDirectory() as scratch:
         collector = archives.Collector(Path(scratch), MAX_BYTES)
@@ -207,7 +207,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
                     raise PipelineError(f"--metadata {metadata}: no row for {len(absent)} image(s), e.g. {absent[0]}; "
                                         f"add a row per image (blank values are allowed)")
             log.info("classifying %d file(s)", len(members))
-            ok, probabilities, errors = classify(logits_of, info, members, batch_size, "predict", patient)
+            ok, probabilities, errors = classify(predictor, members, batch_size, "predict", patient)
         finally:
             collector.close()
     frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
@@ -216,10 +216,9 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
         frame[f"p_{name}"] = probabilities[:, index].round(6)
     frame["predicted"] = [info["classes"][i] for i in probabilities.argmax(axis=1)] if len(ok) else []
     frame["confidence"] = probabilities.max(axis=1).round(6) if len(ok) else []
-    threshold = inference.scoring(info).get("mel_threshold")
-    if threshold is not None and "mel" in info["classes"]:  # the operating point chosen on validation
-        mel = probabilities[:, list(info["classes"]).index("mel")] if len(ok) else np.zeros(0)
-        frame["melanoma_flag"] = (mel >= threshold).astype(int)
+    flags = predictor.melanoma_flags(probabilities)  # the operating point chosen on validation
+    if flags is not None:
+        frame["melanoma_flag"] = flags.astype(int)
     write_csv(out, frame)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
@@ -252,7 +251,8 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     check_output(out, "metrics.json")
     refuse_overwrite(out, [model_path, labels, source])
     wanted = read_labels(labels) if labels is not None else None
-    logits_of, info = load_predictor(model_path)
+    predictor = load_predictor(model_path)
+    info = predictor.info
     if list(info["classes"]) != list(CLASSES):
         raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
 
@@ -276,7 +276,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     if not len(scored):
         raise PipelineError(f"none of the {listed} image(s) of {source} could be read; nothing to score")
     settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
-    evaluate.evaluate_split(logits_of, info, scored, pixels, settings, metrics_path=out, plots_dir=None,
+    evaluate.evaluate_split(predictor, scored, pixels, settings, metrics_path=out, plots_dir=None,
                             progress="score")
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(scored), len(errors))
     return 1 if errors else 0

@@ -23,9 +23,9 @@ def main(params):
     train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
-    logits = inference.view_logits(model.to(device), info, images, tta=settings["tta"],
-                                   batch_size=settings["batch_size"], device=device,
-                                   progress="calibrate", patient=inference.patient_rows(info, val))
+    predictor = inference.TorchPredictor(model, info, device)
+    logits = predictor.view_logits(images, tta=settings["tta"], batch_size=settings["batch_size"],
+                                   progress="calibrate", patient=predictor.patient_rows(val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])

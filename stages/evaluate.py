@@ -2,7 +2,6 @@
 lesion-bootstrap intervals (skinlesion.evaluation.evaluate)."""
 
 import logging
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +19,8 @@ def main(params):
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
-    logits_of = partial(inference.view_logits, model.to(device), info, device=device)
-    result = evaluate.evaluate_split(logits_of, info, test, images, settings,
+    predictor = inference.TorchPredictor(model, info, device)
+    result = evaluate.evaluate_split(predictor, test, images, settings,
                                      metrics_path=Path("metrics/evaluate.json"), plots_dir=Path("plots/evaluate"),
                                      progress="evaluate")
     ci = result["ci95"]

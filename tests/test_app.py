@@ -92,7 +92,7 @@ def test_the_endpoint_answers_like_the_prediction_command_and_survives_bad_uploa
         status, answer = post(url, image.read_bytes(), "lesion%20one.jpg")
         assert status == 200 and answer["file"] == "lesion one.jpg"
         model, info = modelfile.load(model_file)
-        expected = inference.predict(model, info, np.stack([load_image(image, 32)]))[0]
+        expected = inference.TorchPredictor(model, info).probabilities(np.stack([load_image(image, 32)]))[0]
         got = np.array([answer["probabilities"][name] for name in CLASSES])
         np.testing.assert_allclose(got, expected, atol=1e-6)
         assert answer["predicted"] == CLASSES[int(expected.argmax())]
@@ -133,7 +133,7 @@ def test_the_endpoint_takes_the_patients_metadata_for_a_model_that_uses_it(learn
             assert status == 200, answer
             assert answer["patient"] == {"age": "61", "sex": "female", "localization": site}
             row = patient.encode(pd.DataFrame([answer["patient"]]), info["patient"])
-            expected = inference.predict(model, info, images[:1], patient=row)[0]
+            expected = inference.TorchPredictor(model, info).probabilities(images[:1], patient=row)[0]
             np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], expected, atol=1e-6)
             assert answer["predicted"] == CLASSES[patient.SITES.index(site)]  # the site decides, as trained
         status, answer = post(url, buffer.getvalue(), "scan.png")  # nothing given: all unknown

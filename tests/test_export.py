@@ -53,8 +53,8 @@ def test_onnx_runtime_matches_pytorch_with_a_free_batch_size(name):
     torch_logits = inference.view_logits(model, info, pixels, tta="dihedral")
     assert onnx_logits.shape == torch_logits.shape == (8, 5, len(CLASSES))
     logit_difference = float(np.abs(onnx_logits - torch_logits).max())
-    probability_difference = float(np.abs(runtime.predict(session, loaded, pixels)
-                                          - inference.predict(model, info, pixels)).max())
+    probability_difference = float(np.abs(runtime.OnnxPredictor(session, loaded).probabilities(pixels)
+                                          - inference.TorchPredictor(model, info).probabilities(pixels)).max())
     print(f"{name}: largest difference from PyTorch {logit_difference:.2g} (logits), "
           f"{probability_difference:.2g} (scored probabilities)")
     assert logit_difference <= 1e-4 and probability_difference <= 1e-4
@@ -83,10 +83,10 @@ def test_the_file_carries_classes_size_normalisation_and_scoring(tmp_path):
 def test_a_model_without_scoring_is_scored_as_trained(tmp_path):
     model, info = small_model("simple_cnn", scoring=None)
     session, loaded = runtime.load(export.to_onnx(model, info), threads=1)
-    assert "scoring" not in loaded and runtime.scoring(loaded) == inference.scoring(info)
+    on_onnx, on_torch = runtime.OnnxPredictor(session, loaded), inference.TorchPredictor(model, info)
+    assert "scoring" not in loaded and on_onnx.scoring == on_torch.scoring
     pixels = images(3, 32)
-    np.testing.assert_allclose(runtime.predict(session, loaded, pixels), inference.predict(model, info, pixels),
-                               atol=1e-5)
+    np.testing.assert_allclose(on_onnx.probabilities(pixels), on_torch.probabilities(pixels), atol=1e-5)
 
 
 def test_an_architecture_the_exporter_refuses_is_one_line(monkeypatch, tmp_path):

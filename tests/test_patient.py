@@ -68,11 +68,12 @@ def test_its_model_file_records_the_encoding_and_scoring_needs_the_metadata(lear
     path, images, frame, labels, _, _ = learned
     model, info = modelfile.load(path)
     assert info["patient"] == patient.encoding()
-    rows = inference.patient_rows(info, frame)
-    predicted = inference.predict(model, info, images, patient=rows).argmax(axis=1)
+    predictor = inference.TorchPredictor(model, info)
+    rows = predictor.patient_rows(frame)
+    predicted = predictor.probabilities(images, patient=rows).argmax(axis=1)
     assert (predicted == labels).mean() > 0.9
     with pytest.raises(PipelineError, match="takes the patient's metadata"):
-        inference.predict(model, info, images)
+        predictor.probabilities(images)
     masks = np.zeros(images.shape[:3], np.uint8)
     masks[:, 8:24, 8:24] = 1
     scored, _ = explain.score_split(model, info, images[:20], masks[:20], np.ones(20, bool), method="gradcam",
@@ -87,11 +88,12 @@ def test_its_onnx_export_takes_the_metadata_as_a_second_input(learned, tmp_path)
     assert export.export(model, info, tmp_path / "model.onnx") < 1e-3
     session, described = runtime.load(tmp_path / "model.onnx")
     assert described["patient"] == patient.encoding()
-    rows = inference.patient_rows(described, frame)
-    onnx_p = runtime.predict(session, described, images, patient=rows)
-    assert np.abs(onnx_p - inference.predict(model, info, images, patient=rows)).max() < 1e-4
+    on_onnx = runtime.OnnxPredictor(session, described)
+    rows = on_onnx.patient_rows(frame)
+    onnx_p = on_onnx.probabilities(images, patient=rows)
+    assert np.abs(onnx_p - inference.TorchPredictor(model, info).probabilities(images, patient=rows)).max() < 1e-4
     with pytest.raises(PipelineError, match="takes the patient's metadata"):
-        runtime.predict(session, described, images)
+        on_onnx.probabilities(images)
 
 
 def test_the_prediction_command_asks_for_the_metadata_csv(learned, tmp_path):

@@ -57,8 +57,9 @@ class Analyst:
 
     def __init__(self, model_path: Path):
         self.model, self.info = modelfile.load(model_path)
+        self.predictor = inference.TorchPredictor(self.model, self.info)
         self.patient = self.info.get("patient")  # the metadata encoding of a model that takes it
-        self.scoring = inference.scoring(self.info)
+        self.scoring = self.predictor.scoring
         self.lock = threading.Lock()
         self.admitted = threading.BoundedSemaphore(ADMITTED)
         self.decoders = threading.BoundedSemaphore(DECODERS)
@@ -89,7 +90,7 @@ class Analyst:
             return {"file": name, "error": errors[0]}
         classes = list(self.info["classes"])
         with self.lock:
-            probabilities = inference.predict(self.model, self.info, pixels, patient=rows)[0]
+            probabilities = self.predictor.probabilities(pixels, patient=rows)[0]
             predicted = int(probabilities.argmax())
             # The scored prediction is the target, as in the explain stage.
             cams, _, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
@@ -100,10 +101,10 @@ class Analyst:
                   "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},
                   "image": png_data_url(pixels[0]), "overlay": png_data_url(plots.overlay(pixels[0], cams[0])),
                   "melanoma": None}
-        threshold = self.scoring.get("mel_threshold")
-        if threshold is not None and "mel" in classes:
-            p_mel = float(probabilities[classes.index("mel")])
-            result["melanoma"] = {"probability": p_mel, "threshold": float(threshold), "flag": p_mel >= threshold}
+        flags = self.predictor.melanoma_flags(probabilities[None])
+        if flags is not None:
+            result["melanoma"] = {"probability": float(probabilities[classes.index("mel")]),
+                                  "threshold": float(self.scoring["mel_threshold"]), "flag": bool(flags[0])}
         return result
 
 

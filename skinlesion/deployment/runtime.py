@@ -1,10 +1,10 @@
 """The ONNX export on ONNX Runtime, scored like the model file it came from.
 
 ``load`` gives a session and the same description ``skinlesion.modelfile.load``
-gives (classes, image size, normalisation, scoring); ``view_logits`` and
-``predict`` mirror ``skinlesion.evaluation.inference``: the same test-time views and
-the same scoring code (``skinlesion.evaluation.calibrate``), so an image gets the
-same probabilities here as from ``models/model.pt``. No PyTorch is imported.
+gives (classes, image size, normalisation, scoring); ``OnnxPredictor`` is the ONNX
+backend of the one scoring path (skinlesion.evaluation.predictor): the same test-time
+views and the same scoring, so an image gets the same probabilities here as from
+``models/model.pt``. No PyTorch is imported.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import numpy as np
 import onnxruntime
 
 from skinlesion import PipelineError, modelinfo
-from skinlesion.evaluation import calibrate
+from skinlesion.evaluation.predictor import Predictor, check_views
 from skinlesion.progress import bar
 from skinlesion.untrusted import shown
 
 FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
 INPUT, OUTPUT = "images", "logits"
 PATIENT = "patient"  # the second input of a model that takes the patient's metadata
-TTA = ("none", "flips", "dihedral")
 
 
 def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
@@ -78,11 +77,7 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     if bool(info.get("patient")) != (patient is not None):
         raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
                             "given" if info.get("patient") else "this model takes no patient metadata")
-    if tta not in TTA:
-        raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
-    size = info["image_size"]
-    if images.shape[1:] != (size, size, 3):
-        raise PipelineError(f"images are {images.shape[1:]}, the model expects {(size, size, 3)}")
+    check_views(tta, images, info)
     views = len(_views(np.zeros((1, 1, 1, 3), np.uint8), tta))
     out = [np.zeros((views, 0, len(info["classes"])), np.float32)]
     starts = range(0, len(images), batch_size)
@@ -93,15 +88,14 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     return np.concatenate(out, axis=1)
 
 
-def scoring(info: dict) -> dict:
-    """The exported scoring, or the identity for a model straight from training."""
-    return {**calibrate.IDENTITY, **(info.get("scoring") or {})}
+class OnnxPredictor(Predictor):
+    """An ONNX export on ONNX Runtime (the CPU)."""
 
+    def __init__(self, session: onnxruntime.InferenceSession, info: dict):
+        super().__init__(info)
+        self.session = session
 
-def predict(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
-            progress: str | None = None, patient: np.ndarray | None = None) -> np.ndarray:
-    """N x classes probabilities, scored as the exported model file says."""
-    how = scoring(info)
-    logits = view_logits(session, info, images, tta=how["tta"], batch_size=batch_size, progress=progress,
-                         patient=patient)
-    return calibrate.probabilities(logits, how).astype(np.float32)
+    def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
+                    patient: np.ndarray | None = None) -> np.ndarray:
+        return view_logits(self.session, self.info, images, tta=tta, batch_size=batch_size, progress=progress,
+                           patient=patient)

@@ -12,19 +12,19 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, plots
-from skinlesion.evaluation import calibrate, inference, metrics
+from skinlesion.evaluation import calibrate, metrics
+from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import atomic_dir, write_csv, write_json
 
 
-def evaluate_split(logits_of, info: dict, frame: pd.DataFrame, images: np.ndarray, settings: dict, *,
+def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray, settings: dict, *,
                    metrics_path: Path, plots_dir: Path | None, progress: str | None = None) -> dict:
-    """Score ``frame`` (image_id, lesion_id, label; ``images`` in its order) with
-    ``logits_of(images, tta=, batch_size=, progress=)`` (a model's view logits, e.g.
-    ``partial(inference.view_logits, model, info)``): writes the headline metrics to
-    ``metrics_path`` and the details and plots under ``plots_dir``."""
-    how = inference.scoring(info)
-    logits = logits_of(images, tta=how["tta"], batch_size=settings["batch_size"], progress=progress,
-                       patient=inference.patient_rows(info, frame))  # None for a model without metadata
+    """Score ``frame`` (image_id, lesion_id, label; ``images`` in its order) with ``predictor``
+    (skinlesion.evaluation.predictor): writes the headline metrics to ``metrics_path`` and
+    the details and plots under ``plots_dir``."""
+    how = predictor.scoring
+    logits = predictor.view_logits(images, tta=how["tta"], batch_size=settings["batch_size"], progress=progress,
+                                   patient=predictor.patient_rows(frame))  # None for a model without metadata
     probabilities = calibrate.probabilities(logits, how)
     uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
     labels = frame["label"].to_numpy()

@@ -101,16 +101,16 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
     """Heat maps for every image (its predicted class, scored as the model file says,
     as target) and, where a mask exists, its lesion scores. Returns per-image rows and
     the heat maps of the indices in ``keep`` (for overlays). ``model`` must be on ``device``."""
-    from skinlesion.evaluation.inference import normalise, predict
+    from skinlesion.evaluation.inference import TorchPredictor, normalise
     from skinlesion.progress import bar
 
+    predictor = TorchPredictor(model, info, device)
     rows, kept = [], {}
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         pixels = images[start:start + batch_size]
         metadata = None if patient is None else patient[start:start + batch_size]
-        predicted = predict(model, info, pixels, batch_size=batch_size, patient=metadata,
-                            device=device).argmax(axis=1)
+        predicted = predictor.probabilities(pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
         cams, _, layer = heatmaps(model, normalise(pixels, info, device), method=method,
                                   target=torch.from_numpy(predicted).to(device),
                                   patient=None if metadata is None else torch.from_numpy(metadata).to(device))

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -132,16 +131,14 @@ def score_sources(model, info: dict, sources: list[Source], settings: dict, out:
     With ``own``, each result says how many of its images are the pipeline's own data, and a
     set that shares any is named in a warning: its figures are not an external test."""
     results = {}
-    device = inference.scoring_device()
-    model = model.to(device)
+    predictor = inference.TorchPredictor(model, info, inference.scoring_device())
     for source in sources:
         frame, pixels = load_source(source, info["image_size"], decode_all)
         if not len(frame):
             raise PipelineError(f"external source {source.name} ({', '.join(map(str, source.paths))}): "
                                 f"no readable image")
         results[source.name] = evaluate.evaluate_split(
-            partial(inference.view_logits, model, info, device=device), info, frame, pixels, settings,
-            metrics_path=out / f"{source.name}.json", plots_dir=out / source.name,
+            predictor, frame, pixels, settings, metrics_path=out / f"{source.name}.json", plots_dir=out / source.name,
             progress=f"external {source.name}")
         if own is not None:
             shared = shared_with(own, frame, pixels)

@@ -1,0 +1,73 @@
+"""The one scoring path: a model file or its ONNX export, as a ``Predictor`` that turns
+uint8 images (and, for a model that takes it, the patient's encoded metadata) into the
+pipeline's answer the way the file says: the test-time views, their logits, the logit
+adjustment and temperature chosen on validation, the averaged probabilities, and the
+melanoma flag. Evaluate, external, the prediction command (``predict`` and ``--score``)
+and the page all go through it; the PyTorch backend is
+``skinlesion.evaluation.inference.TorchPredictor``, the ONNX one
+``skinlesion.deployment.runtime.OnnxPredictor``. No PyTorch is imported here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from skinlesion import PipelineError
+from skinlesion.data import patient
+from skinlesion.evaluation import calibrate
+from skinlesion.params import TTA
+
+
+def check_views(tta: str, images: np.ndarray, info: dict) -> None:
+    """Refuse a ``tta`` that is not one of the views, or images not at the model's size."""
+    if tta not in TTA:
+        raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
+    size = info["image_size"]
+    if images.shape[1:] != (size, size, 3):
+        raise PipelineError(f"images are {images.shape[1:]}, the model expects {(size, size, 3)}")
+
+
+def view_count(tta: str) -> int:
+    return {"none": 1, "flips": 4, "dihedral": 8}[tta]
+
+
+class Predictor:
+    """A loaded model and its description (``info``: classes, image size, normalisation,
+    ``scoring``, the metadata encoding of a model that takes it)."""
+
+    def __init__(self, info: dict):
+        self.info = info
+        # The identity (no views, no adjustment) for a model straight from training.
+        self.scoring = {**calibrate.IDENTITY, **(info.get("scoring") or {})}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def takes_patient(self) -> bool:
+        return bool(self.info.get("patient"))
+
+    def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
+                    patient: np.ndarray | None = None) -> np.ndarray:
+        """V x N x classes raw logits, one slice per test-time view of ``tta``."""
+        raise NotImplementedError
+
+    def patient_rows(self, frame) -> np.ndarray | None:
+        """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
+        model that takes it (its file records the encoding), else None."""
+        return patient.encode(frame, self.info["patient"]) if self.takes_patient else None
+
+    def probabilities(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
+                      patient: np.ndarray | None = None) -> np.ndarray:
+        """N x classes probabilities, scored as the model file says."""
+        logits = self.view_logits(images, tta=self.scoring["tta"], batch_size=batch_size, progress=progress,
+                                  patient=patient)
+        return calibrate.probabilities(logits, self.scoring).astype(np.float32)
+
+    def melanoma_flags(self, probabilities: np.ndarray) -> np.ndarray | None:
+        """Whether each image crosses the melanoma threshold chosen on validation, or None
+        for a model without one."""
+        threshold = self.scoring.get("mel_threshold")
+        if threshold is None or "mel" not in self.classes:
+            return None
+        return np.asarray(probabilities)[:, self.classes.index("mel")] >= threshold
