@@ -99,9 +99,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
         try:
             params.parse_yaml(Path(name).read_text(encoding="utf-8"))
         except yaml.YAMLError as broken:
-            mark = getattr(broken, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            return f"{name} is not valid YAML ({getattr(broken, 'problem', None) or 'unparsable'}{at}); fix it"[:300]
+            return f"{name} is not valid YAML ({params.yaml_problem(broken)}); fix it"
         except OSError:
             continue
     return f"a YAML file does not parse ({str(error).splitlines()[0]}); fix it"

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, TypeAdapter, ValidationError, field_validator, model_validator
 
 from skinlesion import PipelineError
 from skinlesion.params import ARCHITECTURES, TTA, Head, Models
 from skinlesion.untrusted import shown
 
 Name = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _distinct(values: list, what: str) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists {what} twice")
+    return values
 
 
 class _Strict(BaseModel):
@@ -34,12 +40,7 @@ class Patient(_Strict):
     sex: Annotated[list[Name], Field(max_length=16)]
     localization: Annotated[list[Name], Field(max_length=64)]
 
-    @field_validator("sex", "localization")
-    @classmethod
-    def _distinct(cls, values):
-        if len(set(values)) != len(values):
-            raise ValueError("lists a value twice")
-        return values
+    _values_distinct = field_validator("sex", "localization")(lambda values: _distinct(values, "a value"))
 
 
 Channel = Annotated[FiniteFloat, Field(ge=-10, le=10)]
@@ -60,12 +61,7 @@ class ModelInfo(BaseModel):
     scoring: Scoring | None = None
     patient: Patient | None = None
 
-    @field_validator("classes")
-    @classmethod
-    def _distinct(cls, values):
-        if len(set(values)) != len(values):
-            raise ValueError("lists a class twice")
-        return values
+    _classes_distinct = field_validator("classes")(lambda values: _distinct(values, "a class"))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -75,8 +71,6 @@ class ModelInfo(BaseModel):
                 raise ValueError(f"settings.{key} is not a setting of {self.architecture}")
             annotation = known[key].annotation
             metadata = known[key].metadata
-            from pydantic import TypeAdapter
-
             try:
                 TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).validate_python(
                     value, strict=True)

@@ -265,6 +265,13 @@ class _NoAliases(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What a YAML error says, and where: one short line."""
+    mark = getattr(error, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{shown(getattr(error, 'problem', None) or str(error).splitlines()[0], 200)}{at}"
+
+
 def parse_yaml(text: str):
     """``text`` as YAML, as the safe loader reads it, aliases refused."""
     return yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
@@ -437,10 +444,7 @@ def read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found; run stages from the project root") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise PipelineError(f"{path} is not valid YAML: {shown(problem, 200)}{at}; fix it") from None
+        raise PipelineError(f"{path} is not valid YAML: {yaml_problem(error)}; fix it") from None
     if not isinstance(values, dict):
         raise PipelineError(f"{path} must be a mapping of param groups")
     unknown = [key for key in values if key not in Params.model_fields]

@@ -35,7 +35,7 @@ from skinlesion.evaluation import evaluate, external
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
-from skinlesion.untrusted import refuse_overwrite
+from skinlesion.untrusted import escaped, refuse_overwrite
 
 log = logging.getLogger("skinlesion.predict")
 MAX_BYTES = 64 * 2**30
@@ -52,8 +52,7 @@ def printable(name: str) -> str:
     Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV,
     and control characters (a terminal's escape codes, a newline that would forge a line)
     are escaped too."""
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped(os.fsencode(name).decode("utf-8", "backslashreplace"))
 
 
 def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:

@@ -31,14 +31,16 @@ class TooLarge(PipelineError):
     """A file, member or body past its cap."""
 
 
+def escaped(text: str) -> str:
+    """``text`` with its control characters (a terminal's escape codes, a newline that
+    would forge a log line) written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shown(text, limit: int = SHOWN_CHARS) -> str:
-    """``text`` as it may be printed: control characters (a terminal's escape codes, a
-    newline that would forge a log line) escaped, and cut to ``limit`` characters."""
+    """``text`` as it may be printed: escaped, and cut to ``limit`` characters."""
     text = str(text)
-    cut = len(text) > limit
-    text = text[:limit]
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text + ("..." if cut else "")
+    return escaped(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def _problem(part: str) -> str | None:

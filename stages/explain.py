@@ -10,7 +10,7 @@ import pandas as pd
 from skinlesion import CLASSES, modelfile, plots
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
-from skinlesion.evaluation import explain, inference
+from skinlesion.evaluation import explain, inference, predictor
 from skinlesion.files import atomic_dir, write_json
 
 
@@ -29,7 +29,7 @@ def main(params):
                                      replace=False).tolist()) for i, name in enumerate(CLASSES)}
     scored, cams = explain.score_split(model.to(device), info, images, masks, has_mask, method=settings["method"],
                                             batch_size=settings["batch_size"], device=device,
-                                            patient=inference.TorchPredictor(model, info).patient_rows(test),
+                                            patient=predictor.patient_rows(info, test),
                                             keep={i for chosen in shown.values() for i in chosen}, progress="explain")
     summary = explain.summarise(scored, labels, CLASSES)
     # The metric people compare is the overall figure; the per-class break-down sits with the plots.

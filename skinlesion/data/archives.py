@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import zipfile
 import zlib
@@ -160,8 +161,7 @@ class Collector:
             if name.lower().endswith(".zip"):
                 nested = Path(tempfile.mkdtemp(dir=self.scratch)) / name
                 with archive.open(info) as source, open(nested, "wb") as target:
-                    while chunk := source.read(1 << 20):
-                        target.write(chunk)
+                    shutil.copyfileobj(source, target, 1 << 20)
                 members.extend(self._zip(nested, inner, depth + 1))
             else:
                 members.append(Member(inner, name, info.file_size,
@@ -175,8 +175,7 @@ class Collector:
         target = Path(tempfile.mkdtemp(dir=self.scratch)) / member.name
         try:
             with member.open() as source, open(target, "wb") as copy:  # streamed: memory stays at one chunk
-                while chunk := source.read(1 << 20):
-                    copy.write(chunk)
+                shutil.copyfileobj(source, copy, 1 << 20)
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
             raise PipelineError(f"{member.origin} cannot be read from its zip ({error}); the archive is damaged: "
                                 f"copy it again") from None

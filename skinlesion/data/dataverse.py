@@ -31,10 +31,11 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
     the server's file listing publishes. Returns the local files and a record."""
     server = server.rstrip("/")
     listing_url = f"{server}/api/datasets/:persistentId/versions/:latest-published/files"
+    where = f"the file listing of {doi} at {server}"
     try:
         with session.get(listing_url, params={"persistentId": doi}, timeout=(15, 60), stream=True) as response:
             response.raise_for_status()
-            body = capped_body(response, MAX_LISTING, f"the file listing of {doi} at {server}")
+            body = capped_body(response, MAX_LISTING, where)
         entries = json.loads(body)["data"]
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
             raise ValueError("'data' is not a list of files")
@@ -44,7 +45,6 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
             f"download.source=local with a copy of HAM10000 (see README, 'Offline')"
         ) from None
     chosen: dict[str, list[dict]] = {kind: [] for kind in DATAVERSE_FILES}
-    where = f"the file listing of {doi} at {server}"
     for entry in entries:
         data_file = entry.get("dataFile") or {}
         if not isinstance(data_file, dict):
@@ -65,22 +65,28 @@ def download_dataverse(server: str, doi: str, cache: Path, *, retries: int,
     for kind in DATAVERSE_FILES:
         for data_file in sorted(chosen[kind], key=lambda f: f["_name"]):
             original = bool(data_file.get("originalFileName"))
-            file_id = data_file.get("id")
-            if isinstance(file_id, bool) or not isinstance(file_id, int) or file_id < 0:
-                raise PipelineError(f"{where}: {shown(data_file['_name'])} has the file id {shown(file_id)!r}, "
-                                    f"not a whole number; refusing the listing")
+            file_id = _whole(data_file, "id", "the file id", "a whole number", where)
             url = f"{server}/api/access/datafile/{file_id}" + ("?format=original" if original else "")
             expected = _checksum(data_file, where)
-            size = data_file.get("originalFileSize") if original else data_file.get("filesize")
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-                raise PipelineError(f"{where}: {shown(data_file['_name'])} has the size {shown(size)!r}, not a "
-                                    f"number of bytes; refusing the listing")
+            size = _whole(data_file, "originalFileSize" if original else "filesize", "the size", "a number of bytes",
+                          where, optional=True)
             path = fetch(url, inside(cache, data_file["_name"], where), size=size, checksum=expected,
                          retries=retries, session=session)
             paths.append(path)
             record.append({"name": path.name, "url": url, expected[0]: expected[1],
                            "sha256": file_digest(path)})
     return paths, {"files": record}
+
+
+def _whole(data_file: dict, key: str, called: str, expected: str, where: str, optional: bool = False) -> int | None:
+    """``data_file[key]`` if it is a whole number of at least 0 (or absent, if ``optional``)."""
+    value = data_file.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PipelineError(f"{where}: {shown(data_file['_name'])} has {called} {shown(value)!r}, not {expected}; "
+                            f"refusing the listing")
+    return value
 
 
 def _checksum(data_file: dict, where: str) -> tuple[str, str]:

@@ -61,11 +61,11 @@ def _first_line(error: BaseException) -> str:
 def read(source) -> bytes:
     """The bytes of ``source``: bytes, a path, or anything with ``read()`` (an archive
     member, a binary file). Raises Unusable saying why they cannot be read."""
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) > MAX_FILE_BYTES:
-            raise Unusable(f"is larger than {MAX_FILE_BYTES // 2**20} MiB, the cap for one image; refusing it")
-        return bytes(source)
     try:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) > MAX_FILE_BYTES:
+                raise TooLarge("it")
+            return bytes(source)
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as handle:
                 return read_capped(handle, MAX_FILE_BYTES, "it")
@@ -107,6 +107,14 @@ def _rgb(image: Image.Image) -> Image.Image:
     raise Unusable(f"has mode {mode}: {REFUSED.get(mode, 'a pixel format this project does not read')}; {FIX}")
 
 
+def _too_many_pixels(image: Image.Image) -> str | None:
+    """Why ``image`` (opened, not yet decoded) is over the pixel cap, or None."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        return f"is {width} x {height} pixels, over the cap of {MAX_PIXELS / 1e6:.0f} megapixels"
+    return None
+
+
 def decode(data: bytes, size: int | None = None) -> Image.Image:
     """``data`` as an RGB image by the policy above; squashed to ``size`` x ``size``
     (bicubic, nothing cropped) when ``size`` is given. Raises Unusable."""
@@ -116,10 +124,8 @@ def decode(data: bytes, size: int | None = None) -> Image.Image:
         with Image.open(BytesIO(data)) as image:
             if size is not None:
                 image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
-            width, height = image.size
-            if width * height > MAX_PIXELS:  # before a pixel is decoded: memory stays bounded
-                raise Unusable(f"is {width} x {height} pixels, over the cap of {MAX_PIXELS / 1e6:.0f} megapixels "
-                               f"for one image; downscale it")
+            if too_many := _too_many_pixels(image):  # before a pixel is decoded: memory stays bounded
+                raise Unusable(f"{too_many} for one image; downscale it")
             oriented = ImageOps.exif_transpose(image)  # decodes every pixel: a damaged file fails here
     except Unusable:
         raise
@@ -158,8 +164,8 @@ def mask_problem(source) -> str | None:
         if not data:
             return "is empty (0 bytes), not an image; copy it again"
         with Image.open(BytesIO(data)) as mask:
-            if mask.size[0] * mask.size[1] > MAX_PIXELS:
-                return f"is {mask.size[0]} x {mask.size[1]} pixels, over the cap of {MAX_PIXELS / 1e6:.0f} megapixels"
+            if too_many := _too_many_pixels(mask):
+                return too_many
             mask.load()
     except Unusable as error:
         return str(error)

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime
 
 from skinlesion import PipelineError, modelinfo
-from skinlesion.evaluation.predictor import Predictor, check_views
+from skinlesion.evaluation.predictor import Predictor, check_views, view_count
 from skinlesion.progress import bar
 from skinlesion.untrusted import shown
 
@@ -46,11 +46,12 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
         raise PipelineError(f"{where}: not a {FORMAT} file; write one with `dvc repro export`")
     hint = "export it again with `dvc repro export`"
     info = {"architecture": props.get("architecture")}
+    missing = [key for key in ("classes", "image_size", "mean", "std") if key not in props]
+    if missing:
+        raise PipelineError(f"{where}: its metadata has no {missing[0]} (the file is damaged or was edited); {hint}")
     for key in ("classes", "image_size", "mean", "std", "scoring", "patient"):
-        if key not in props:
-            if key in ("scoring", "patient"):
-                continue
-            raise PipelineError(f"{where}: its metadata has no {key} (the file is damaged or was edited); {hint}")
+        if key not in props:  # scoring and patient are optional
+            continue
         try:
             info[key] = json.loads(props[key])
         except ValueError:
@@ -78,8 +79,7 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
         raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
                             "given" if info.get("patient") else "this model takes no patient metadata")
     check_views(tta, images, info)
-    views = len(_views(np.zeros((1, 1, 1, 3), np.uint8), tta))
-    out = [np.zeros((views, 0, len(info["classes"])), np.float32)]
+    out = [np.zeros((view_count(tta), 0, len(info["classes"])), np.float32)]
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)

@@ -26,6 +26,12 @@ def check_views(tta: str, images: np.ndarray, info: dict) -> None:
         raise PipelineError(f"images are {images.shape[1:]}, the model expects {(size, size, 3)}")
 
 
+def patient_rows(info: dict, frame) -> np.ndarray | None:
+    """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
+    model that takes it (its file records the encoding), else None."""
+    return patient.encode(frame, info["patient"]) if info.get("patient") else None
+
+
 def view_count(tta: str) -> int:
     return {"none": 1, "flips": 4, "dihedral": 8}[tta]
 
@@ -53,9 +59,7 @@ class Predictor:
         raise NotImplementedError
 
     def patient_rows(self, frame) -> np.ndarray | None:
-        """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
-        model that takes it (its file records the encoding), else None."""
-        return patient.encode(frame, self.info["patient"]) if self.takes_patient else None
+        return patient_rows(self.info, frame)
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
                       patient: np.ndarray | None = None) -> np.ndarray:
