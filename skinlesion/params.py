@@ -180,7 +180,9 @@ class Train(Group):
     ema: Rate
     select: Literal["macro_auc", "log_loss", "balanced_accuracy"]
     logit_adjust: NonNegative
-    metadata: bool = False
+    mixup: NonNegative = 0.0
+    cutmix: NonNegative = 0.0
+    metadata: bool = True
 
 
 class Calibrate(Group):

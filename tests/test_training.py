@@ -109,9 +109,9 @@ def killed_after_first_checkpoint(cfg, data, folder) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_killed_run_resumes_exactly(data, tmp_path, ema):
-    cfg = config(epochs=30, ema=ema, early_stopping_patience=0)
+@pytest.mark.parametrize("ema, mix", [(0.0, {}), (0.9, {}), (0.0, {"mixup": 0.4, "cutmix": 1.0})])
+def test_killed_run_resumes_exactly(data, tmp_path, ema, mix):
+    cfg = config(epochs=30, ema=ema, early_stopping_patience=0, **mix)
     fit(tmp_path / "whole", cfg, data=data)
     killed_after_first_checkpoint(cfg, data, tmp_path / "cut")
     done = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["state"]["epoch"]

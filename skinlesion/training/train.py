@@ -28,7 +28,7 @@ from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation.metrics import headline
 from skinlesion.files import atomic_path
 from skinlesion.progress import bar
-from skinlesion.training import losses, models
+from skinlesion.training import losses, mixing, models
 from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
 from skinlesion.training.loader import ArrayLoader
 from skinlesion.training.ranks import Ranks
@@ -302,10 +302,15 @@ def train_epoch(run: Run, epoch: int) -> dict:
     predictions, targets = [], []
     progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train['epochs']}", unit="batch", leave=False,
                    disable=None if run.ranks.main else True)
+    mixer = mixing.Mixer(run.train["mixup"], run.train["cutmix"], run.train["seed"], epoch)
     for batch, (images, labels, *patient_rows) in enumerate(progress, 1):
+        mixed = mixer(images, labels, patient_rows) if mixer.active else None
+        if mixed is not None:
+            images, patient_rows = mixed.images, mixed.patient
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
             logits = run.net(images, *patient_rows)
-            loss = run.criterion(logits.float(), labels)
+            loss = (run.criterion(logits.float(), labels) if mixed is None
+                    else mixing.mixed_loss(run.criterion, logits.float(), labels, mixed))
         value = loss.item()
         if not math.isfinite(value):
             raise PipelineError(f"the training loss is {value} at epoch {epoch}, batch {batch} (train.lr is "
