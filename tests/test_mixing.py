@@ -9,8 +9,11 @@ import torch
 
 from skinlesion import PipelineError, params
 from skinlesion.training import mixing
-from tests.test_training import config, fit
-from tests.test_training import data  # noqa: F401 - the module's fixture
+from tests.test_training import (
+    config,
+    data,  # noqa: F401 - the module's fixture
+    fit,
+)
 
 
 def batch(n=8, size=16):
