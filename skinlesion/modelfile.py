@@ -61,6 +61,49 @@ def with_scoring(source: str | Path, target: str | Path, scoring: dict) -> None:
     _write(target, payload)
 
 
+SHARED = ("classes", "image_size", "mean", "std", "patient")  # what every member of an ensemble must agree on
+
+
+def save_ensemble(members: list[str | Path], target: str | Path, combine: str, scoring: dict) -> None:
+    """One model file for the networks of the model files ``members`` with ``scoring``:
+    for one member, that member's file with its scoring set (what ``with_scoring``
+    writes); for several, an ``ensemble`` file whose state dict holds each member's
+    weights under ``members.<i>.``, as ``models.Ensemble`` names them."""
+    if len(members) == 1:
+        with_scoring(members[0], target, scoring)
+        return
+    payloads = [_read(Path(member)) for member in members]
+    _agree(members, payloads)
+    first = payloads[0]
+    state = {f"members.{index}.{key}": value for index, payload in enumerate(payloads)
+             for key, value in payload["state_dict"].items()}
+    payload = {"format": FORMAT, "architecture": modelinfo.ENSEMBLE, "settings": {"combine": combine}, "head": None,
+               **{key: first[key] for key in SHARED if key in first},
+               "members": [{key: payload[key] for key in ("architecture", "settings", "head", "training")}
+                           for payload in payloads],
+               "training": {"members": len(payloads)}, "scoring": dict(scoring), "state_dict": state}
+    _write(target, payload)
+
+
+def _agree(members: list, descriptions: list[dict]) -> None:
+    first = descriptions[0]
+    for member, description in zip(members[1:], descriptions[1:]):
+        for key in SHARED:
+            if description.get(key) != first.get(key):
+                raise PipelineError(f"{member} and {members[0]} differ in their {key}; the members of an ensemble "
+                                    f"must be trained on the same data (rerun their train stages)")
+
+
+def load_members(members: list[str | Path], combine: str, device: str | torch.device = "cpu"):
+    """The model files ``members`` as one model (a ``models.Ensemble`` for several, the
+    one network for one) and the description they share (the first member's)."""
+    loaded = [load(member, device) for member in members]
+    _agree(members, [info for _, info in loaded])
+    if len(loaded) == 1:
+        return loaded[0]
+    return models.Ensemble([model for model, _ in loaded], combine).eval(), loaded[0][1]
+
+
 HINT = "give a model file written by the train or calibrate stage (models/model.pt)"
 REQUIRED = ("architecture", "settings", "head", "classes", "image_size", "mean", "std", "state_dict")
 
@@ -110,16 +153,27 @@ def _read(path: Path) -> dict:
     return payload
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Classifier, dict]:
-    """The model (in eval mode, on ``device``) and its description."""
+def _build(payload: dict) -> torch.nn.Module:
+    def network(description: dict) -> models.Classifier:
+        return models.build(description["architecture"], num_classes=len(payload["classes"]),
+                            image_size=payload["image_size"], settings=description["settings"],
+                            head=description["head"],
+                            patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
+
+    if payload["architecture"] == modelinfo.ENSEMBLE:
+        return models.Ensemble([network(member) for member in payload["members"]], payload["settings"]["combine"])
+    return network(payload)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model (in eval mode, on ``device``; a ``models.Ensemble`` for an ensemble
+    file) and its description."""
     payload = _read(Path(path))
     # Built on the meta device, the architecture costs no memory until the file's own
     # tensors are put in its place: settings that describe a huge network cannot
     # exhaust memory beyond the size of the file itself.
     with torch.device("meta"):
-        model = models.build(payload["architecture"], num_classes=len(payload["classes"]),
-                             image_size=payload["image_size"], settings=payload["settings"], head=payload["head"],
-                             patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
+        model = _build(payload)
     try:
         model.load_state_dict(payload["state_dict"], assign=True)
     except (RuntimeError, TypeError, AttributeError, ValueError) as error:

@@ -47,11 +47,47 @@ Channel = Annotated[FiniteFloat, Field(ge=-10, le=10)]
 Spread = Annotated[FiniteFloat, Field(gt=0, le=10)]
 
 
+ENSEMBLE = "ensemble"  # the architecture of a file that carries several members
+COMBINE = ("probabilities", "logits")
+MAX_MEMBERS = 32
+
+
+def _check_settings(architecture: str, settings: dict) -> None:
+    known = Models.model_fields[architecture].annotation.model_fields
+    for key, value in settings.items():
+        if key == "head" or key not in known:
+            raise ValueError(f"settings.{key} is not a setting of {architecture}")
+        annotation = known[key].annotation
+        metadata = known[key].metadata
+        try:
+            TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).validate_python(
+                value, strict=True)
+        except ValidationError as error:
+            raise ValueError(f"settings.{key} is {shown(repr(value))} ({error.errors()[0]['msg'].lower()})") from None
+
+
+class Member(BaseModel):
+    """One network of an ensemble file."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # `training`: informative only
+    architecture: Literal[ARCHITECTURES]
+    settings: dict[str, Any] = {}
+    head: Head | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        _check_settings(self.architecture, self.settings)
+        return self
+
+
 class ModelInfo(BaseModel):
-    """A model file's description; the ONNX export carries the same fields."""
+    """A model file's description; the ONNX export carries the same fields. An
+    ensemble's ``architecture`` is ``ensemble``, its ``settings`` ``{combine: ...}``,
+    and ``members`` describes each network."""
 
     model_config = ConfigDict(extra="allow", strict=True)  # `format`, `training`: informative only
-    architecture: Literal[ARCHITECTURES]
+    architecture: Literal[(*ARCHITECTURES, ENSEMBLE)]
+    members: Annotated[list[Member], Field(min_length=2, max_length=MAX_MEMBERS)] | None = None
     settings: dict[str, Any] = {}
     head: Head | None = None
     classes: Annotated[list[Name], Field(min_length=2, max_length=1000)]
@@ -65,17 +101,16 @@ class ModelInfo(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
-        known = Models.model_fields[self.architecture].annotation.model_fields
-        for key, value in self.settings.items():
-            if key == "head" or key not in known:
-                raise ValueError(f"settings.{key} is not a setting of {self.architecture}")
-            annotation = known[key].annotation
-            metadata = known[key].metadata
-            try:
-                TypeAdapter(Annotated[(annotation, *metadata)] if metadata else annotation).validate_python(
-                    value, strict=True)
-            except ValidationError as error:
-                raise ValueError(f"settings.{key} is {shown(repr(value))} ({error.errors()[0]['msg'].lower()})") from None
+        if self.architecture == ENSEMBLE:
+            if self.members is None:
+                raise ValueError("an ensemble file lists no members")
+            if set(self.settings) != {"combine"} or self.settings["combine"] not in COMBINE:
+                raise ValueError(f"an ensemble's settings are {{combine: {' | '.join(COMBINE)}}}, not "
+                                 f"{shown(repr(self.settings))}")
+        elif self.members is not None:
+            raise ValueError(f"a {self.architecture} file has no members (only an ensemble has)")
+        else:
+            _check_settings(self.architecture, self.settings)
         prior = self.scoring.log_prior if self.scoring else None
         if prior is not None and len(prior) != len(self.classes):
             raise ValueError(f"scoring.log_prior has {len(prior)} values for {len(self.classes)} classes")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from skinlesion import PipelineError
 from skinlesion.untrusted import shown
@@ -175,7 +175,6 @@ class Train(Group):
     device: str
     nproc: Count
     deterministic: bool
-    seed: Seed
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     ema: Rate
     select: Literal["macro_auc", "log_loss", "balanced_accuracy"]
@@ -183,6 +182,27 @@ class Train(Group):
     mixup: NonNegative = 0.0
     cutmix: NonNegative = 0.0
     metadata: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_moved(cls, values):
+        if isinstance(values, dict) and "seed" in values:
+            raise ValueError("train.seed is now ensemble.seeds, one trained member per seed: write "
+                             f"`ensemble: {{seeds: [{values['seed']}]}}` (or `-S 'ensemble.seeds=[{values['seed']}]'`)")
+        return values
+
+
+class Ensemble(Group):
+    """One train stage per seed (``train@SEED``); calibrate combines the members."""
+    seeds: Annotated[list[Seed], Field(min_length=1, max_length=32)]
+    combine: Literal["probabilities", "logits"]
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds):
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"ensemble.seeds lists a seed twice ({seeds}); each member needs its own")
+        return seeds
 
 
 class Calibrate(Group):
@@ -245,6 +265,7 @@ class Params(Group):
     balance: Balance
     models: Models
     train: Train
+    ensemble: Ensemble
     calibrate: Calibrate
     evaluate: Evaluate
     external: External

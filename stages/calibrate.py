@@ -1,6 +1,6 @@
-"""DVC stage `calibrate`: choose on validation how the trained model is scored (TTA,
-logit adjustment, temperature, melanoma threshold) and write it into the model file
-(skinlesion.calibration)."""
+"""DVC stage `calibrate`: combine the members of ``ensemble.seeds`` into one model and
+choose on validation how it is scored (TTA, logit adjustment, temperature, melanoma
+threshold); write it as ``models/model.pt`` (skinlesion.evaluation.calibrate)."""
 
 import logging
 from pathlib import Path
@@ -11,14 +11,14 @@ from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation import calibrate, inference
-from skinlesion.files import write_json
+from skinlesion.files import write_csv, write_json
 
 
 def main(params):
-    settings = params["calibrate"]
-    trained = Path("models/trained.pt")
-    model, info = modelfile.load(trained)
+    settings, ensemble = params["calibrate"], params["ensemble"]
+    members = [Path(f"models/members/{seed}.pt") for seed in ensemble["seeds"]]
     device = inference.scoring_device()
+    model, info = modelfile.load_members(members, ensemble["combine"], device)
     val = pd.read_csv("data/split/val.csv", dtype={"image_id": str, "lesion_id": str})
     train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
     prepared = Prepared("data/prepared")
@@ -29,13 +29,17 @@ def main(params):
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
-    modelfile.with_scoring(trained, Path("models/model.pt"), scoring)
-    write_json(Path("plots/calibrate/calibration.json"), report)
+    modelfile.save_ensemble(members, Path("models/model.pt"), ensemble["combine"], scoring)
+    search = report.pop("tau_search")
+    write_json(Path("metrics/calibrate.json"), {"members": len(members), "combine": ensemble["combine"], **report},
+               sort_keys=False)
+    write_csv(Path("plots/calibrate/tau_search.csv"), pd.DataFrame(search))
     before, after = report["val_before"], report["val_after"]
-    logging.info("validation: tau %.2f, temperature %.2f, melanoma threshold %.3f; balanced accuracy %.3f -> %.3f, "
-                 "accuracy %.3f -> %.3f, log-loss %.3f -> %.3f", scoring["tau"], scoring["temperature"],
-                 scoring["mel_threshold"], before["balanced_accuracy"], after["balanced_accuracy"],
-                 before["accuracy"], after["accuracy"], report["val_log_loss_before"], report["val_log_loss_after"])
+    logging.info("%d member(s); validation: tau %.2f, temperature %.2f, melanoma threshold %.3f; balanced accuracy "
+                 "%.3f -> %.3f, accuracy %.3f -> %.3f, log-loss %.3f -> %.3f", len(members), scoring["tau"],
+                 scoring["temperature"], scoring["mel_threshold"], before["balanced_accuracy"],
+                 after["balanced_accuracy"], before["accuracy"], after["accuracy"], report["val_log_loss_before"],
+                 report["val_log_loss_after"])
 
 
 if __name__ == "__main__":

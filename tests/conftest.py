@@ -78,7 +78,9 @@ def make_project(root: Path, source: Path, overrides: dict | None = None) -> Pat
 
 
 def run_stage(project: Path, stage: str, check: bool = False) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", f"stages.{stage}"], project, check=check)
+    """``stage`` by its script; ``train@SEED`` as DVC runs it (``python -m stages.train SEED``)."""
+    name, _, item = stage.partition("@")
+    return run([sys.executable, "-m", f"stages.{name}", *([item] if item else [])], project, check=check)
 
 
 @pytest.fixture()

@@ -65,7 +65,7 @@ def declared_code(stage: str) -> set[str]:
 @pytest.mark.parametrize("stage", list(SPEC["stages"]))
 def test_a_stage_depends_on_exactly_the_code_it_imports(stage):
     script = PROJECT / "stages" / f"{stage}.py"
-    assert SPEC["stages"][stage]["cmd"] == f"python -m stages.{stage}"
+    assert SPEC["stages"][stage]["cmd"].split(" ${item.")[0] == f"python -m stages.{stage}"
     needed = closure(script)
     declared = declared_code(stage)
     assert declared == needed, (f"dvc.yaml stage {stage}: missing {sorted(needed - declared)}, "

@@ -30,11 +30,11 @@ def project(synthetic_zips, tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in models.ARCHITECTURES if n != "simple_cnn"])
 def test_exp_run_each_model_reruns_only_train_and_what_follows(project, name):
     result = run(["dvc", "exp", "run", "-n", f"try-{name}", "-S", f"model={name}"], project)
-    stages = re.findall(r"Running stage '(\w+)'", result.stdout)
-    assert stages == ["train", "calibrate", "export", "evaluate", "external", "card", "explain"]
+    stages = re.findall(r"Running stage '([\w@]+)'", result.stdout)
+    assert stages == ["train@42", "calibrate", "export", "evaluate", "external", "card", "explain"]
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    changed = diff["metrics/train/metrics.json"]
+    changed = diff["metrics/train/42/metrics.json"]
     assert changed["parameters"]["new"] == models.parameter_count(
         models.build(name, num_classes=7, image_size=64, settings=_settings(project, name),
                      head={"hidden": 256, "dropout": 0.3}, patient_width=_patient_width(project)))

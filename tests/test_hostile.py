@@ -480,7 +480,7 @@ def test_a_diverging_run_stops_in_one_line_naming_the_learning_rate(synthetic_zi
     trained_data(project)
     set_params(project, {"train.lr": 1.0e30, "train.epochs": 3, "model": "simple_cnn", "train.metadata": False,
                          "train.batch_size": 2})
-    result = run_stage(project, "train")
+    result = run_stage(project, "train@42")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and "(train.lr is 1e+30): training diverged; lower train.lr (e.g. to 1e+29)" in errors[0]
@@ -491,14 +491,14 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_over(synthetic_zi
     project = make_project(tmp_path / "project", synthetic_zips)
     trained_data(project)
     set_params(project, {"train.epochs": 1, "model": "simple_cnn", "train.metadata": False, "train.batch_size": 4})
-    checkpoints = project / "models/checkpoints"
+    checkpoints = project / "models/checkpoints/42"
     checkpoints.mkdir(parents=True)
     (checkpoints / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint any more")
-    result = run_stage(project, "train")
+    result = run_stage(project, "train@42")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "the checkpoint models/checkpoints/last.pt is damaged" in result.stderr
+    assert "the checkpoint models/checkpoints/42/last.pt is damaged" in result.stderr
     assert "training starts over" in result.stderr
-    assert (checkpoints / "last.pt.damaged").exists() and (project / "models/trained.pt").is_file()
+    assert (checkpoints / "last.pt.damaged").exists() and (project / "models/members/42.pt").is_file()
 
 
 @pytest.mark.slow

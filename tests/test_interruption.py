@@ -21,7 +21,7 @@ def test_killed_training_resumes_on_the_next_repro(synthetic_zips, tmp_path):
                            {"model": "resnet18", "prepare.image_size": 64, "train.epochs": 12,
                             "train.early_stopping_patience": 0})
     run(["dvc", "repro", "balance"], project)
-    checkpoint = project / "models/checkpoints/last.pt"
+    checkpoint = project / "models/checkpoints/42/last.pt"
     process = subprocess.Popen(["dvc", "repro", "train"], cwd=project, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -31,15 +31,15 @@ def test_killed_training_resumes_on_the_next_repro(synthetic_zips, tmp_path):
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (project / "dvc.lock").exists() or "train:" not in (project / "dvc.lock").read_text()
+    assert not (project / "dvc.lock").exists() or "train@42:" not in (project / "dvc.lock").read_text()
 
     result = run(["dvc", "repro", "train"], project)
     resumed = [line for line in result.stderr.splitlines() if "resuming from the checkpoint after epoch" in line]
     assert resumed, result.stderr
     done = int(resumed[0].split("after epoch ")[1].split()[0])
     assert 1 <= done < 12
-    epochs = pd.read_csv(project / "metrics/train/plots/metrics/val/balanced_accuracy.tsv", sep="\t")["step"]
+    epochs = pd.read_csv(project / "metrics/train/42/plots/metrics/val/balanced_accuracy.tsv", sep="\t")["step"]
     assert list(epochs) == list(range(1, 13))  # each epoch logged once, none lost, none repeated
     assert f"epoch {done + 1}/12" in result.stderr and "epoch 1/12" not in result.stderr
-    assert (project / "models/trained.pt").exists()
-    assert "train" in (project / "dvc.lock").read_text()
+    assert (project / "models/members/42.pt").exists()
+    assert "train@42:" in (project / "dvc.lock").read_text()

@@ -44,7 +44,8 @@ def test_every_stage_script_reads_only_its_own_groups():
                 and node.value.id == "params" and isinstance(node.slice, ast.Constant)}
         declared = {entry.split(".")[0] for entry in spec.get("params", [])}
         assert read == declared, f"stage {name}: reads {read}, declares {declared}"
-        assert spec["cmd"] == f"python -m stages.{name}" and f"stages/{name}.py" in spec["deps"]
+        item = " ${item.seed}" if "matrix" in spec else ""  # train@SEED: one stage per member
+        assert spec["cmd"] == f"python -m stages.{name}{item}" and f"stages/{name}.py" in spec["deps"]
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -74,7 +75,10 @@ def test_every_stage_script_reads_only_its_own_groups():
     ("evaluate.mel_specificity", 0, r"evaluate.mel_specificity is 0; expected a number in \(0, 1\)"),
     ("split.seed", -1, r"split.seed is -1; expected a whole number >= 0"),
     ("balance.seed", -1, r"balance.seed is -1; expected a whole number >= 0"),
-    ("train.seed", -1, r"train.seed is -1; expected a whole number >= 0"),
+    ("ensemble.seeds", [42, -1], r"ensemble.seeds.1 is -1; expected a (whole )?number >= 0"),
+    ("ensemble.seeds", [3, 3], r"ensemble.seeds lists a seed twice \(\[3, 3\]\); each member needs its own"),
+    ("ensemble.seeds", [], r"ensemble.seeds"),
+    ("train.seed", 1, r"train.seed is now ensemble.seeds, one trained member per seed"),
     ("evaluate.seed", -5, r"evaluate.seed is -5; expected a whole number >= 0"),
     ("explain.seed", -5, r"explain.seed is -5; expected a whole number >= 0"),
     ("download.max_unpacked_gb", 0, r"download.max_unpacked_gb is 0; expected a number > 0"),
@@ -103,7 +107,7 @@ def test_a_bad_param_stops_its_stage_with_one_line_naming_it_and_its_range(tmp_p
     shutil.copy(PROJECT / "dvc.yaml", tmp_path)
     shutil.copy(PROJECT / "params.yaml", tmp_path)
     set_params(tmp_path, {key: value})
-    stage = {"model": "train", "models": "train"}.get(key.split(".")[0], key.split(".")[0])
+    stage = {"model": "train", "models": "train", "ensemble": "calibrate"}.get(key.split(".")[0], key.split(".")[0])
     with pytest.raises(PipelineError, match=f"^params.yaml: {message}") as error:
         params.load(stage, tmp_path)
     assert "\n" not in str(error.value)

@@ -17,11 +17,12 @@ from tests.conftest import make_project, run, set_params
 pytestmark = pytest.mark.slow  # real git+DVC projects and processes
 
 AFTER_TRAIN = ["calibrate", "export", "evaluate", "external", "card", "explain"]
-STAGES = ["download", "prepare", "split", "balance", "train", *AFTER_TRAIN]
+TRAIN = "train@42"  # the one member of the default ensemble.seeds
+STAGES = ["download", "prepare", "split", "balance", TRAIN, *AFTER_TRAIN]
 
 
 def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
+    return re.findall(r"Running stage '([\w@]+)'", output)
 
 
 def outs(project) -> dict[str, str]:
@@ -57,22 +58,23 @@ def test_balance_param_reruns_balance_and_train_only(project):
     status = run(["dvc", "status", "--json"], project).stdout
     assert set(json.loads(status)) == {"balance"}
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout) == ["balance", "train", *AFTER_TRAIN]
+    assert ran(result.stdout) == ["balance", TRAIN, *AFTER_TRAIN]
     after = outs(project)
     changed = {path for path in after if after[path] != before[path]}
     assert changed == {"data/balanced", "plots/balance/summary.json", "plots/balance/augmented_montage.png",
-                       "models/trained.pt", "models/model.pt", "models/model.onnx", "plots/calibrate/calibration.json",
-                       "metrics/train",
+                       "models/members/42.pt", "models/model.pt", "models/model.onnx", "metrics/calibrate.json",
+                       "plots/calibrate/tau_search.csv", "metrics/train/42/metrics.json", "metrics/train/42/plots",
                        "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json",
                        "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "plots/balance/summary.json").read_text())["images"] == 63
 
-    # Back to the committed value: the run cache restores balance's old output without
-    # running it (train, whose DVCLive folder persists for resuming, reruns).
+    # Back to the committed value: the run cache restores every stage without running it.
     run(["git", "checkout", "params.yaml"], project)
     result = run(["dvc", "repro"], project)
-    assert ran(result.stdout)[0] == "train" and "Stage 'balance' is cached" in result.stdout
-    assert outs(project)["data/balanced"] == before["data/balanced"]
+    assert ran(result.stdout) == []
+    for stage in ["balance", TRAIN, *AFTER_TRAIN]:
+        assert f"Stage '{stage}' is cached" in result.stdout, stage
+    assert outs(project) == before
 
 
 def test_forced_rerun_gives_byte_identical_outputs(project):
@@ -88,8 +90,8 @@ def test_forced_rerun_gives_byte_identical_outputs(project):
 
 def test_experiment_on_working_size_skips_download_and_split(project):
     result = run(["dvc", "exp", "run", "-S", "prepare.image_size=24"], project)
-    assert ran(result.stdout) == ["prepare", "balance", "train", *AFTER_TRAIN]
-    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert ran(result.stdout) == ["prepare", "balance", TRAIN, *AFTER_TRAIN]
+    summary = json.loads((project / "metrics/train/42/metrics.json").read_text())
     assert summary["image_size"] == 24  # the model was trained at the new size, not just the param changed
     import numpy as np
 
@@ -102,7 +104,7 @@ def test_experiment_on_working_size_skips_download_and_split(project):
 def test_split_param_reruns_split_and_what_follows(project):
     set_params(project, {"split.seed": 7})
     try:
-        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", "train", *AFTER_TRAIN]
+        assert ran(run(["dvc", "repro"], project).stdout) == ["split", "balance", TRAIN, *AFTER_TRAIN]
     finally:
         run(["git", "checkout", "params.yaml"], project)
         run(["dvc", "repro"], project)
@@ -135,16 +137,49 @@ def test_metrics_and_plots_diff_show_an_experiment_against_the_baseline(project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline", "--allow-empty"], project)
     result = run(["dvc", "exp", "run", "-S", "train.lr=0.02", "-S", "train.epochs=2"], project)
-    assert ran(result.stdout) == ["train", *AFTER_TRAIN]
+    assert ran(result.stdout) == [TRAIN, *AFTER_TRAIN]
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
-    assert {"metrics/train/metrics.json", "metrics/evaluate.json"} <= set(diff)
-    assert diff["metrics/train/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
+    assert {"metrics/train/42/metrics.json", "metrics/evaluate.json", "metrics/calibrate.json"} <= set(diff)
+    assert diff["metrics/train/42/metrics.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
     plots = json.loads(run(["dvc", "plots", "diff", "--json"], project).stdout)["data"]
     revisions = set().union(*(entry["revisions"] for entries in plots.values() for entry in entries))
     assert {"workspace", "HEAD"} <= revisions
-    assert any("Balanced accuracy" in name for name in plots) and any("ROC" in name for name in plots)
+    assert any(name.endswith("val/balanced_accuracy.tsv") for name in plots) and any("ROC" in name for name in plots)
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
+
+
+def test_returning_to_the_defaults_restores_every_stage_from_the_run_cache(project):
+    run(["dvc", "exp", "run", "-S", "train.epochs=2"], project)
+    result = run(["dvc", "exp", "run", "-S", "train.epochs=1"], project)  # the committed value again
+    try:
+        assert ran(result.stdout) == [], result.stdout
+        for stage in [TRAIN, *AFTER_TRAIN]:
+            assert f"Stage '{stage}' is cached - skipping run" in result.stdout, stage
+        assert json.loads((project / "metrics/train/42/metrics.json").read_text())["epochs_run"] == 1
+    finally:
+        run(["git", "checkout", "--", "."], project)
+        run(["dvc", "checkout", "--force"], project)
+
+
+def test_adding_a_member_trains_it_alone_and_removing_it_retrains_nothing(project):
+    from skinlesion import modelfile
+
+    before = outs(project)
+    set_params(project, {"ensemble.seeds": [42, 7]})
+    try:
+        result = run(["dvc", "repro"], project)
+        assert ran(result.stdout) == ["train@7", *AFTER_TRAIN]
+        assert outs(project)["models/members/42.pt"] == before["models/members/42.pt"]
+        _, info = modelfile.load(project / "models/model.pt")
+        assert info["architecture"] == "ensemble" and len(info["members"]) == 2
+        assert "2 member(s)" in result.stderr
+        assert json.loads((project / "metrics/calibrate.json").read_text())["members"] == 2
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+    result = run(["dvc", "repro"], project)
+    assert not [stage for stage in ran(result.stdout) if stage.startswith("train")]
+    assert outs(project)["models/model.pt"] == before["models/model.pt"]  # the one member, scored as before
 
 
 def _touch(project, module: str) -> None:
@@ -158,7 +193,7 @@ def _touch(project, module: str) -> None:
     # change, so nothing downstream of them reruns
     ("skinlesion/plots.py", ["split", "balance", "evaluate", "external", "explain"]),
     ("skinlesion/evaluation/explain.py", ["explain"]),
-    ("skinlesion/training/schedule.py", ["train"]),
+    ("skinlesion/training/schedule.py", [TRAIN]),
 ])
 def test_editing_code_reruns_exactly_the_stages_that_import_it(project, module, stages):
     _touch(project, module)
@@ -175,7 +210,7 @@ def test_another_models_settings_rerun_nothing_the_chosen_ones_rerun_train(proje
     try:
         assert json.loads(run(["dvc", "status", "--json"], project).stdout) == {}
         set_params(project, {"models.simple_cnn.head.hidden": 16})
-        assert set(json.loads(run(["dvc", "status", "--json"], project).stdout)) == {"train"}
+        assert set(json.loads(run(["dvc", "status", "--json"], project).stdout)) == {TRAIN}
     finally:
         run(["git", "checkout", "params.yaml"], project)
 
@@ -277,7 +312,7 @@ def test_the_patients_metadata_runs_through_every_stage_and_can_be_left_out(proj
         "balanced_accuracy"]
     result = run(["dvc", "exp", "run", "-S", "train.metadata=false"], project)
     try:
-        assert ran(result.stdout) == ["train", *AFTER_TRAIN]
+        assert ran(result.stdout) == [TRAIN, *AFTER_TRAIN]
         _, info = modelfile.load(project / "models/model.pt")
         assert "patient" not in info and "patient" not in runtime.load(project / "models/model.onnx")[1]
         assert json.loads((project / "metrics/evaluate.json").read_text())["images"] > 0

@@ -30,11 +30,11 @@ def project(synthetic_zips, tmp_path_factory):
 def test_two_processes_under_torchrun_train_one_model(project):
     result = run(["dvc", "exp", "run", "-S", "train.nproc=2"], project)
     assert "weights identical on all 2 ranks" in result.stderr
-    summary = json.loads((project / "metrics/train/metrics.json").read_text())
+    summary = json.loads((project / "metrics/train/42/metrics.json").read_text())
     assert summary["processes"] == 2 and summary["epochs_run"] == 3
     model, info = modelfile.load(project / "models/model.pt")  # one model file, loadable
     assert info["architecture"] == "simple_cnn"
-    loss = pd.read_csv(project / "metrics/train/plots/metrics/train/loss.tsv", sep="\t")["loss"]
+    loss = pd.read_csv(project / "metrics/train/42/plots/metrics/train/loss.tsv", sep="\t")["loss"]
     assert list(loss.index) == [0, 1, 2] and loss.iloc[-1] < loss.iloc[0]
     assert result.stderr.count("epoch 1/3") == 1  # only rank 0 logs
     run(["git", "checkout", "--", "."], project)
@@ -50,7 +50,7 @@ def test_ranks_stop_early_together(project):
                   "-S", "train.warmup_epochs=0", "-S", "train.early_stopping_patience=1", "-S", "train.epochs=4",
                   "-S", "train.metadata=false"], project, timeout=300)
     assert "early stop" in result.stderr and "weights identical on all 2 ranks" in result.stderr
-    assert json.loads((project / "metrics/train/metrics.json").read_text())["epochs_run"] == 2
+    assert json.loads((project / "metrics/train/42/metrics.json").read_text())["epochs_run"] == 2
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
 
@@ -86,7 +86,7 @@ def test_queued_experiments_run_in_parallel_and_are_listed(project):
     for entry in runs:
         data = entry["data"]
         chosen = data["params"]["params.yaml"]["data"]["model"]
-        summary = data.get("metrics", {}).get("metrics/train/metrics.json", {}).get("data", {})
+        summary = data.get("metrics", {}).get("metrics/train/42/metrics.json", {}).get("data", {})
         trained[chosen] = summary.get("parameters")
     # each queued run trained the model it was given (its own parameter count), not the baseline's
     width = patient.width(patient.encoding())  # the defaults take the patient's metadata

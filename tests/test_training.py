@@ -50,7 +50,7 @@ def data(synthetic_zips, tmp_path_factory) -> train.TrainData:
 
 
 def config(model="simple_cnn", **train) -> dict:
-    settings = copy.deepcopy(DEFAULTS["train"])
+    settings = {**copy.deepcopy(DEFAULTS["train"]), "seed": DEFAULTS["ensemble"]["seeds"][0]}
     # flips, plain shuffling and images alone, whatever the default recipe: these tests are about the loop
     settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, "augment": "flips", "sampler": "shuffle",
                      "ema": 0.0, "select": "balanced_accuracy", "early_stopping_patience": 5, "metadata": False,
@@ -142,7 +142,7 @@ def test_early_stopping_on_validation(data, tmp_path):
 
 
 def test_frozen_backbone_then_fine_tuning(data, tmp_path):
-    torch.manual_seed(DEFAULTS["train"]["seed"])  # fit() seeds the same way before building
+    torch.manual_seed(DEFAULTS["ensemble"]["seeds"][0])  # fit() seeds the same way before building
     start = train.models.build("resnet18", num_classes=7, image_size=32, settings={},
                                   head=DEFAULTS["models"]["resnet18"]["head"]).state_dict()
     fit(tmp_path / "frozen", config("resnet18", epochs=1, freeze=True), data=data)

@@ -65,7 +65,10 @@ class Analyst:
         self.decoders = threading.BoundedSemaphore(DECODERS)
 
     def describe(self) -> dict:
-        return {"architecture": self.info["architecture"], "classes": list(self.info["classes"]),
+        members = self.info.get("members")
+        architecture = self.info["architecture"] if not members else \
+            f"ensemble of {len(members)} ({', '.join(member['architecture'] for member in members)})"
+        return {"architecture": architecture, "classes": list(self.info["classes"]),
                 "image_size": self.info["image_size"], "tta": self.scoring["tta"],
                 "mel_threshold": self.scoring.get("mel_threshold"), "notice": NOTICE,
                 "patient": None if not self.patient else {"sex": list(self.patient["sex"]), "max_age": MAX_AGE,
@@ -93,9 +96,9 @@ class Analyst:
             probabilities = self.predictor.probabilities(pixels, patient=rows)[0]
             predicted = int(probabilities.argmax())
             # The scored prediction is the target, as in the explain stage.
-            cams, _, _ = explain.heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"), method="gradcam",
-                                          target=torch.tensor([predicted]),
-                                          patient=None if rows is None else torch.from_numpy(rows))
+            cams, _ = explain.member_heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"),
+                                              method="gradcam", target=torch.tensor([predicted]),
+                                              patient=None if rows is None else torch.from_numpy(rows))
         result = {"file": name, "patient": given, "predicted": classes[predicted],
                   "confidence": float(probabilities[predicted]),
                   "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},

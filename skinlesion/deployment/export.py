@@ -9,7 +9,9 @@ the model's image size, N free), normalises them inside, and returns raw logits
 
 Metadata (``metadata_props``, all text): ``format``, ``architecture``, ``classes``
 (JSON), ``image_size``, ``mean`` and ``std`` (JSON, per channel on the 0-1 scale),
-``input``, ``output`` and, when the model file has one, ``scoring`` (JSON).
+``input``, ``output`` and, when the model file has one, ``scoring`` (JSON); for an
+ensemble also ``settings`` (its combination) and ``members`` (JSON), its graph
+combining the members' logits as ``models.Ensemble`` does.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def metadata(info: dict) -> dict[str, str]:
              "output": f"{OUTPUT}: float32 N x {len(info['classes'])} raw logits, before the scoring"}
     if info.get("scoring"):
         props["scoring"] = json.dumps(info["scoring"], sort_keys=True)
+    if info.get("members"):  # an ensemble: its combination and members, the graph averaging them inside
+        props["settings"] = json.dumps(info["settings"], sort_keys=True)
+        props["members"] = json.dumps([{key: member[key] for key in ("architecture", "settings", "head")}
+                                       for member in info["members"]], sort_keys=True)
+        props["output"] += f" (the {len(info['members'])} members combined by their {info['settings']['combine']})"
     if info.get("patient"):
         props["patient"] = json.dumps(info["patient"], sort_keys=True)
         props["input"] += f"; {PATIENT}: float32 N x {patient.width(info['patient'])}, the encoded metadata"

@@ -49,8 +49,8 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
     missing = [key for key in ("classes", "image_size", "mean", "std") if key not in props]
     if missing:
         raise PipelineError(f"{where}: its metadata has no {missing[0]} (the file is damaged or was edited); {hint}")
-    for key in ("classes", "image_size", "mean", "std", "scoring", "patient"):
-        if key not in props:  # scoring and patient are optional
+    for key in ("classes", "image_size", "mean", "std", "scoring", "patient", "settings", "members"):
+        if key not in props:  # scoring and patient are optional; settings and members an ensemble's
             continue
         try:
             info[key] = json.loads(props[key])

@@ -16,6 +16,19 @@ def _ci(value: float, interval: dict | None) -> str:
     return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
+def _architecture(info: dict) -> list[str]:
+    if not info.get("members"):
+        return [f"- Architecture: `{info['architecture']}`, settings `{info.get('settings') or {}}`, "
+                f"head `{info.get('head')}`"]
+    lines = [f"- An ensemble of {len(info['members'])} members, their {info['settings']['combine']} averaged "
+             f"(each member sees every test-time view):"]
+    for index, member in enumerate(info["members"]):
+        training = member.get("training") or {}
+        lines.append(f"  {index + 1}. `{member['architecture']}`, settings `{member.get('settings') or {}}`, head "
+                     f"`{member.get('head')}`; epoch kept {training.get('epoch', '?')} (chosen on validation)")
+    return lines
+
+
 def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> str:
     scoring = info.get("scoring") or {}
     training = info.get("training") or {}
@@ -24,14 +37,15 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
         "**Intended use: research and teaching, not a diagnosis.** It must not be used to decide the care of a "
         "patient. It has seen only dermatoscopic images from the HAM10000 collection.", "",
         "## Model", "",
-        f"- Architecture: `{info['architecture']}`, settings `{info.get('settings') or {}}`, head `{info.get('head')}`",
+        *_architecture(info),
         f"- Input: {info['image_size']} x {info['image_size']} RGB (HAM10000's 4:3 frames squashed, not cropped), "
         f"normalised with mean {info['mean']} and std {info['std']}",
         f"- Classes, in output order: {', '.join(info['classes'])}",
         *([f"- Also takes the patient's age, sex and body site (sexes {', '.join(info['patient']['sex'])}; sites "
            f"{', '.join(info['patient']['localization'])}; each may be blank or unknown, which has its own encoding): "
            f"prediction needs them (`--metadata` CSV, or the page's form)"] if info.get("patient") else []),
-        f"- Epoch kept: {training.get('epoch', '?')} (chosen on the validation split)", "",
+        *([] if info.get("members") else
+          [f"- Epoch kept: {training.get('epoch', '?')} (chosen on the validation split)"]), "",
         "## How it is scored (chosen on the validation split)", "",
         f"- Test-time augmentation: `{scoring.get('tta', 'none')}` (softmax averaged over the views)",
         f"- Post-hoc logit adjustment: tau = {scoring.get('tau', 0.0):g} (logits - tau * log(train class prior))",

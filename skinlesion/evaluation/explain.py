@@ -84,6 +84,23 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     return cam.cpu().numpy(), logits.detach(), layer
 
 
+def member_heatmaps(model, images: torch.Tensor, *, method: str, target: torch.Tensor,
+                    patient: torch.Tensor | None = None) -> tuple[np.ndarray, str]:
+    """``heatmaps`` for a model or an ensemble: an ensemble's map is the mean of its
+    members' maps (each for the ensemble's predicted class, each scaled to a peak of 1),
+    scaled to a peak of 1 again. Returns the maps and the (first member's) layer."""
+    from skinlesion.training.models import members_of
+
+    networks = members_of(model)
+    maps = [heatmaps(network, images, method=method, target=target, patient=patient) for network in networks]
+    if len(maps) == 1:
+        return maps[0][0], maps[0][2]
+    mean = np.mean([cams for cams, _, _ in maps], axis=0)
+    peak = mean.reshape(len(mean), -1).max(axis=1).reshape(-1, 1, 1)
+    mean = np.where(peak > 0, mean / np.maximum(peak, 1e-12), mean)
+    return mean.astype(np.float32), f"mean of {len(networks)} members at {maps[0][2]}"
+
+
 def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | None:
     """(share of heat-map energy inside the mask, whether the hottest pixel is on the
     lesion); None for an all-zero heat map, which points nowhere."""
@@ -111,9 +128,9 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
         pixels = images[start:start + batch_size]
         metadata = None if patient is None else patient[start:start + batch_size]
         predicted = predictor.probabilities(pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
-        cams, _, layer = heatmaps(model, normalise(pixels, info, device), method=method,
-                                  target=torch.from_numpy(predicted).to(device),
-                                  patient=None if metadata is None else torch.from_numpy(metadata).to(device))
+        cams, layer = member_heatmaps(model, normalise(pixels, info, device), method=method,
+                                      target=torch.from_numpy(predicted).to(device),
+                                      patient=None if metadata is None else torch.from_numpy(metadata).to(device))
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None

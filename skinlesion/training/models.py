@@ -340,6 +340,43 @@ def build(name: str, *, num_classes: int, image_size: int, settings: dict, head:
     return model
 
 
+COMBINE = ("probabilities", "logits")
+
+
+class Ensemble(nn.Module):
+    """Members that answer as one model: ``forward`` returns one N x classes tensor that
+    the scoring path treats as one model's logits. ``combine``:
+
+    - ``probabilities``: the log of the members' mean softmax. Softmax, logit adjustment
+      and temperature then act on the averaged probabilities; for one member it equals
+      that member's logits up to a per-image constant, which softmax ignores.
+    - ``logits``: the members' mean logits.
+
+    Test-time views reach every member alike (each member sees each view), and Grad-CAM
+    explains each member (``skinlesion.evaluation.explain``)."""
+
+    def __init__(self, members: list[nn.Module], combine: str = "probabilities"):
+        super().__init__()
+        if combine not in COMBINE:
+            raise PipelineError(f"ensemble.combine is '{combine}'; expected one of {', '.join(COMBINE)}")
+        if not members:
+            raise PipelineError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+
+    def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
+        extra = () if patient is None else (patient,)
+        logits = torch.stack([member(images, *extra).float() for member in self.members])
+        if self.combine == "logits":
+            return logits.mean(dim=0)
+        return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.members))
+
+
+def members_of(model: nn.Module) -> list[nn.Module]:
+    """The networks inside ``model``: an ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -26,7 +26,7 @@ from skinlesion import CLASSES, PipelineError, modelfile
 from skinlesion.data import patient
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation.metrics import headline
-from skinlesion.files import atomic_path
+from skinlesion.files import atomic_dir, atomic_path
 from skinlesion.progress import bar
 from skinlesion.training import losses, mixing, models
 from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
@@ -429,11 +429,24 @@ def summary(run: Run) -> dict:
 
 # --- the loop ------------------------------------------------------------------------
 
+def publish(live_state: Path, live_dir: str | Path) -> None:
+    """``live_dir`` replaced, in one step, by a copy of DVCLive's folder."""
+    live_dir = Path(live_dir)
+    live_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(live_dir) as out:
+        shutil.copytree(live_state, out, dirs_exist_ok=True)
+
+
 def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, checkpoint_dir: Path) -> dict:
     """Train ``config["model"]`` with ``config["models"][model]`` and ``config["train"]``.
 
     Writes the best model to ``model_path``, DVCLive logs to ``live_dir``, and the
     per-epoch checkpoint to ``checkpoint_dir/last.pt``. Returns the summary.
+
+    DVCLive itself writes into ``checkpoint_dir/live``, which lives on beside the
+    checkpoint, and ``live_dir`` is a copy of it made after every epoch. So
+    ``live_dir`` can be an ordinary DVC output (deleted by DVC before the stage reruns,
+    restored from the run cache) while a resumed run still continues its curves.
     """
     from dvclive import Live
 
@@ -447,7 +460,11 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
     log.info("%s: %s parameters on %s; %d train / %d validation images at %d px", run.name,
              f"{models.parameter_count(run.model):,}", run.device, len(data.train_labels), len(data.val_labels),
              data.image_size)
-    live = Live(dir=str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None) if ranks.main else None
+    live_state = Path(checkpoint_dir) / "live"
+    if ranks.main and not resumed:
+        shutil.rmtree(live_state, ignore_errors=True)
+    live = Live(dir=str(live_state), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None) \
+        if ranks.main else None
     try:
         for epoch in range(run.state["epoch"] + 1, run.train["epochs"] + 1):
             started = time.perf_counter()
@@ -458,6 +475,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             if ranks.main:
                 save_checkpoint(run, checkpoint, finished=stop or epoch == run.train["epochs"])
                 live.make_summary()
+                publish(live_state, live_dir)
             if stop:
                 break
         result = summary(run)
@@ -469,6 +487,7 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
             for key, value in result.items():
                 live.summary[key] = value
             live.make_summary()
+            publish(live_state, live_dir)
         return result
     finally:
         if live is not None:
