@@ -130,3 +130,26 @@ def curves_png(curves: dict[str, list[dict]], x: str, y: str, path: str | Path, 
     axis.legend(fontsize=8)
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def groups_png(table: pd.DataFrame, figure_name: str, path: str | Path, title: str, overall: float | None = None) -> None:
+    """Horizontal bars of ``figure_name`` per patient group with their 95 % intervals
+    (rows of ``skinlesion.evaluation.subgroups.table``; groups too small to report are left out)."""
+    shown = table[table[figure_name].notna()].reset_index(drop=True)
+    figure, axis = plt.subplots(figsize=(6.5, 0.28 * max(len(shown), 4) + 1.2))
+    positions = np.arange(len(shown))[::-1]
+    values = shown[figure_name].to_numpy(dtype=float)
+    low = values - shown[f"{figure_name}_low"].to_numpy(dtype=float)
+    high = shown[f"{figure_name}_high"].to_numpy(dtype=float) - values
+    palette = {"sex": "tab:blue", "age": "tab:orange", "localization": "tab:green", "dx_type": "tab:purple"}
+    axis.barh(positions, values, xerr=[low, high], color=[palette.get(g, "grey") for g in shown["group"]],
+              alpha=0.8, error_kw={"linewidth": 0.8})
+    axis.set_yticks(positions, [f"{g}: {v} ({n})" for g, v, n in zip(shown["group"], shown["value"], shown["images"])],
+                    fontsize=7)
+    if overall is not None:
+        axis.axvline(overall, color="black", linestyle=":", linewidth=1)
+    axis.set_xlim(0, 1)
+    axis.set_xlabel(f"{figure_name.replace('_', ' ')} (95 % lesion-bootstrap interval; images in brackets)")
+    axis.set_title(title)
+    figure.tight_layout()
+    save_figure(figure, path)

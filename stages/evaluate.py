@@ -9,7 +9,7 @@ import pandas as pd
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
-from skinlesion.evaluation import evaluate, inference
+from skinlesion.evaluation import evaluate, inference, subgroups
 
 
 def main(params):
@@ -17,6 +17,7 @@ def main(params):
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
     test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
+    test = subgroups.with_dx_type(test, Path("data/raw/metadata.csv"))  # for the figures by diagnosis method
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]
     predictor = inference.TorchPredictor(model, info, device)

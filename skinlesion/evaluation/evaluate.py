@@ -1,8 +1,8 @@
 """The evaluate stage: a labelled set scored once, the way the model file says, with
 lesion-bootstrap intervals; beside the metrics, the data behind DVC's plots (confusion,
 one-vs-rest ROC and precision-recall per class, reliability before and after
-calibration) and the PNGs people look at (confusion matrix, ROC, reliability, a grid
-of test predictions)."""
+calibration, the figures by patient group) and the PNGs people look at (confusion
+matrix, ROC, reliability, balanced accuracy by group, a grid of test predictions)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, plots
-from skinlesion.evaluation import calibrate, metrics
+from skinlesion.evaluation import calibrate, metrics, subgroups
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import atomic_dir, write_csv, write_json
 
@@ -34,16 +34,21 @@ def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray
                                      resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
     write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it
     if plots_dir is not None:
+        groups = subgroups.table(frame, labels, probabilities, frame["lesion_id"].to_numpy(),
+                                 resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
         write_plots(plots_dir, frame, probabilities, images, settings["grid_per_class"], settings["seed"],
-                    details=details, uncalibrated=uncalibrated)
+                    details=details, uncalibrated=uncalibrated, groups=groups,
+                    overall=result["balanced_accuracy"])
     return result
 
 
 def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, images: np.ndarray,
                 grid_per_class: int, seed: int, details: dict | None = None,
-                uncalibrated: np.ndarray | None = None) -> None:
+                uncalibrated: np.ndarray | None = None, groups: pd.DataFrame | None = None,
+                overall: float | None = None) -> None:
     """``frame`` holds the evaluated rows (image_id, label) in the order of
-    ``probabilities`` and ``images``."""
+    ``probabilities`` and ``images``; ``groups``, the figures per patient group
+    (``subgroups.table``), drawn beside the ``overall`` balanced accuracy."""
     labels = frame["label"].to_numpy()
     predicted = probabilities.argmax(axis=1)
     with atomic_dir(folder) as out:
@@ -63,6 +68,10 @@ def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, im
                          "Reliability (test): accuracy against confidence", diagonal=True)
         if details is not None:
             write_json(out / "details.json", details)
+        if groups is not None and len(groups):
+            write_csv(out / "subgroups.csv", groups)
+            plots.groups_png(groups, "balanced_accuracy", out / "subgroups.png",
+                             "Balanced accuracy by patient group (test)", overall=overall)
         probabilities_frame = pd.DataFrame(probabilities.round(6), columns=[f"p_{c}" for c in CLASSES])
         write_csv(out / "predictions.csv", pd.concat(
             [frame[["image_id"]].reset_index(drop=True), probabilities_frame,
