@@ -53,24 +53,37 @@ def _write(path: str | Path, payload: dict) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def with_scoring(source: str | Path, target: str | Path, scoring: dict) -> None:
+def with_scoring(source: str | Path, target: str | Path, scoring: dict, scope: dict | None = None,
+                 scope_state: dict | None = None) -> None:
     """Copy the model file ``source`` to ``target`` with its ``scoring`` (how it is
-    meant to be applied: TTA, logit adjustment, temperature, thresholds) set."""
+    meant to be applied: TTA, logit adjustment, temperature, thresholds) set, and its
+    out-of-scope ``scope`` (method, threshold) with the tensors that method needs
+    (``scope_state``: ``scope.means`` and ``scope.precision`` for mahalanobis)."""
     payload = _read(Path(source))
     payload["scoring"] = dict(scoring)
+    _set_scope(payload, scope, scope_state)
     _write(target, payload)
+
+
+def _set_scope(payload: dict, scope: dict | None, scope_state: dict | None) -> None:
+    if scope is None:
+        return
+    payload["scope"] = dict(scope)
+    payload["state_dict"] = {**payload["state_dict"],
+                             **{key: value.detach().to("cpu").clone() for key, value in (scope_state or {}).items()}}
 
 
 SHARED = ("classes", "image_size", "mean", "std", "patient")  # what every member of an ensemble must agree on
 
 
-def save_ensemble(members: list[str | Path], target: str | Path, combine: str, scoring: dict) -> None:
+def save_ensemble(members: list[str | Path], target: str | Path, combine: str, scoring: dict,
+                  scope: dict | None = None, scope_state: dict | None = None) -> None:
     """One model file for the networks of the model files ``members`` with ``scoring``:
     for one member, that member's file with its scoring set (what ``with_scoring``
     writes); for several, an ``ensemble`` file whose state dict holds each member's
     weights under ``members.<i>.``, as ``models.Ensemble`` names them."""
     if len(members) == 1:
-        with_scoring(members[0], target, scoring)
+        with_scoring(members[0], target, scoring, scope, scope_state)
         return
     payloads = [_read(Path(member)) for member in members]
     _agree(members, payloads)
@@ -82,6 +95,7 @@ def save_ensemble(members: list[str | Path], target: str | Path, combine: str, s
                "members": [{key: payload[key] for key in ("architecture", "settings", "head", "training")}
                            for payload in payloads],
                "training": {"members": len(payloads)}, "scoring": dict(scoring), "state_dict": state}
+    _set_scope(payload, scope, scope_state)
     _write(target, payload)
 
 
@@ -153,7 +167,7 @@ def _read(path: Path) -> dict:
     return payload
 
 
-def _build(payload: dict) -> torch.nn.Module:
+def _build(payload: dict, path) -> torch.nn.Module:
     def network(description: dict) -> models.Classifier:
         return models.build(description["architecture"], num_classes=len(payload["classes"]),
                             image_size=payload["image_size"], settings=description["settings"],
@@ -161,8 +175,16 @@ def _build(payload: dict) -> torch.nn.Module:
                             patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
 
     if payload["architecture"] == modelinfo.ENSEMBLE:
-        return models.Ensemble([network(member) for member in payload["members"]], payload["settings"]["combine"])
-    return network(payload)
+        model = models.Ensemble([network(member) for member in payload["members"]], payload["settings"]["combine"])
+    else:
+        model = network(payload)
+    if (payload.get("scope") or {}).get("method") == "mahalanobis":
+        state = payload["state_dict"]
+        if "scope.means" not in state or "scope.precision" not in state:
+            raise PipelineError(f"{path}: its out-of-scope score has no class means or precision (the file is damaged or was "
+                                f"edited); {HINT}")
+        model.scope = models.Scope(torch.empty(state["scope.means"].shape), torch.empty(state["scope.precision"].shape))
+    return model
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -173,7 +195,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     # tensors are put in its place: settings that describe a huge network cannot
     # exhaust memory beyond the size of the file itself.
     with torch.device("meta"):
-        model = _build(payload)
+        model = _build(payload, path)
     try:
         model.load_state_dict(payload["state_dict"], assign=True)
     except (RuntimeError, TypeError, AttributeError, ValueError) as error:

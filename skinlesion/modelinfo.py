@@ -35,6 +35,13 @@ class Scoring(_Strict):
     mel_threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
 
 
+class Scope(_Strict):
+    """The out-of-scope score (skinlesion.evaluation.scope) and its validation threshold."""
+    method: Literal["msp", "energy", "mahalanobis"]
+    threshold: FiniteFloat
+    retention: Annotated[FiniteFloat, Field(gt=0, lt=1)]
+
+
 class Patient(_Strict):
     age_scale: Annotated[FiniteFloat, Field(gt=0)]
     sex: Annotated[list[Name], Field(max_length=16)]
@@ -95,6 +102,7 @@ class ModelInfo(BaseModel):
     mean: Annotated[list[Channel], Field(min_length=3, max_length=3)]
     std: Annotated[list[Spread], Field(min_length=3, max_length=3)]
     scoring: Scoring | None = None
+    scope: Scope | None = None
     patient: Patient | None = None
 
     _classes_distinct = field_validator("classes")(lambda values: _distinct(values, "a class"))

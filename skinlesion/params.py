@@ -210,6 +210,8 @@ class Calibrate(Group):
     adjust: Literal["none", "balanced_accuracy", "mean_accuracy"]
     method: Literal["none", "temperature"]
     mel_sensitivity: Fraction
+    scope: Literal["none", "msp", "energy", "mahalanobis"] = "mahalanobis"
+    scope_retention: Fraction = 0.95
     batch_size: Count
 
 
@@ -248,6 +250,12 @@ class External(Group):
     retries: Whole = 5
 
 
+class Scope(Group):
+    per_kind: Count      # generated images of each kind, per out-of-scope set
+    seed: Seed
+    batch_size: Count
+
+
 class Explain(Group):
     method: Literal["gradcam", "gradcam++"]
     per_class: Whole
@@ -269,6 +277,7 @@ class Params(Group):
     calibrate: Calibrate
     evaluate: Evaluate
     external: External
+    scope: Scope
     explain: Explain
 
 

@@ -153,3 +153,28 @@ def groups_png(table: pd.DataFrame, figure_name: str, path: str | Path, title: s
     axis.set_title(title)
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def score_histograms(scored: dict[str, dict[str, np.ndarray]], method: str | None, threshold: float | None,
+                     path: str | Path) -> None:
+    """Per candidate out-of-scope score, the histogram of each set's scores (the test
+    split's lesions and each out-of-scope set), with the model's own threshold."""
+    methods = list(next(iter(scored.values())))
+    figure, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6))
+    for axis, name in zip(np.atleast_1d(axes), methods):
+        values = np.concatenate([scores[name] for scores in scored.values()])
+        values = values[np.isfinite(values)]
+        if name == "mahalanobis" and len(values) and values.min() > 0:  # heavy-tailed: on a log scale
+            edges = np.geomspace(values.min(), values.max(), 41)
+            axis.set_xscale("log")
+        else:
+            edges = np.histogram_bin_edges(values, bins=40)
+        for label, scores in scored.items():
+            axis.hist(scores[name], bins=edges, density=True, alpha=0.45, label=label)
+        if name == method and threshold is not None:
+            axis.axvline(threshold, color="black", linestyle=":", linewidth=1.2, label="threshold (validation)")
+        axis.set_title(name + (" (the model's)" if name == method else ""))
+        axis.set_xlabel("score (larger: further out)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -33,6 +33,7 @@ from skinlesion.data.images import Unusable, load_image
 from skinlesion.data.patient_input import column_problem, duplicate_problem, first_problem
 from skinlesion.evaluation import evaluate, external
 from skinlesion.evaluation.predictor import Predictor
+from skinlesion.evaluation.scope import NOTICE
 from skinlesion.files import write_csv
 from skinlesion.progress import bar, threads
 from skinlesion.untrusted import escaped, refuse_overwrite
@@ -74,11 +75,12 @@ def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np
 
 
 def classify(predictor: Predictor, members: list[archives.Member], batch_size: int, desc: str,
-             patient: pd.DataFrame | None = None) -> tuple[list[int], np.ndarray, list[str]]:
+             patient: pd.DataFrame | None = None) -> tuple[list[int], np.ndarray, list[str], np.ndarray | None]:
     """Decode and classify ``members`` a chunk at a time; returns the indices that
-    worked, their probabilities, and one error line per file that did not. ``patient``:
-    the metadata table (indexed by image_id, the file name's stem) for a model that takes it."""
-    ok, parts, errors = [], [], []
+    worked, their probabilities, one error line per file that did not, and their
+    out-of-scope scores (None for a model without one). ``patient``: the metadata table
+    (indexed by image_id, the file name's stem) for a model that takes it."""
+    ok, parts, errors, scores = [], [], [], []
     with bar(total=len(members), desc=desc, unit="img") as progress:
         for start in range(0, len(members), CHUNK):
             chunk = members[start:start + CHUNK]
@@ -88,11 +90,13 @@ def classify(predictor: Predictor, members: list[archives.Member], batch_size: i
                 ids = [Path(chunk[i].name).stem for i in found]
                 rows = predictor.patient_rows(patient.loc[ids].reset_index(drop=True))
             parts.append(predictor.probabilities(pixels, batch_size=batch_size, patient=rows))
+            scores.append(predictor.scope_scores(pixels, probabilities=parts[-1], batch_size=batch_size, patient=rows))
             ok += [start + i for i in found]
             errors += failed
             progress.update(len(chunk))
     probabilities = np.concatenate(parts) if parts else np.zeros((0, len(predictor.classes)), np.float32)
-    return ok, probabilities, errors
+    scored = [part for part in scores if part is not None]
+    return ok, probabilities, errors, (np.concatenate(scored) if scored else None)
 
 
 def load_predictor(model_path: Path) -> Predictor:
@@ -206,7 +210,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
                     raise PipelineError(f"--metadata {metadata}: no row for {len(absent)} image(s), e.g. {absent[0]}; "
                                         f"add a row per image (blank values are allowed)")
             log.info("classifying %d file(s)", len(members))
-            ok, probabilities, errors = classify(predictor, members, batch_size, "predict", patient)
+            ok, probabilities, errors, scores = classify(predictor, members, batch_size, "predict", patient)
         finally:
             collector.close()
     frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
@@ -216,12 +220,18 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
     frame["predicted"] = [info["classes"][i] for i in probabilities.argmax(axis=1)] if len(ok) else []
     frame["confidence"] = probabilities.max(axis=1).round(6) if len(ok) else []
     flags = predictor.melanoma_flags(probabilities)  # the operating point chosen on validation
+    in_scope = predictor.in_scope(scores)
+    if in_scope is not None:  # an image unlike the training data gets no diagnosis and raises no flag
+        frame["in_scope"] = in_scope.astype(int)
+        frame["scope_score"] = np.round(scores, 4)
+        flags = None if flags is None else flags & in_scope
     if flags is not None:
         frame["melanoma_flag"] = flags.astype(int)
     write_csv(out, frame)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    log.info("wrote %s: %d image(s) predicted, %d failed", out, len(ok), len(errors))
+    outside = "" if in_scope is None else f", {int((~in_scope).sum())} of them out of scope ({NOTICE})"
+    log.info("wrote %s: %d image(s) predicted%s, %d failed", out, len(ok), outside, len(errors))
     return 1 if errors else 0
 
 

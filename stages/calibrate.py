@@ -1,6 +1,8 @@
 """DVC stage `calibrate`: combine the members of ``ensemble.seeds`` into one model and
 choose on validation how it is scored (TTA, logit adjustment, temperature, melanoma
-threshold); write it as ``models/model.pt`` (skinlesion.evaluation.calibrate)."""
+threshold) and past what out-of-scope score it declines to answer (the score's class
+means and covariance fitted on the train split); write it as ``models/model.pt``
+(skinlesion.evaluation.calibrate, skinlesion.evaluation.scope)."""
 
 import logging
 from pathlib import Path
@@ -29,10 +31,18 @@ def main(params):
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
-    modelfile.save_ensemble(members, Path("models/model.pt"), ensemble["combine"], scoring)
+    predictor.info = {**info, "scoring": scoring}
+    predictor.scoring = {**predictor.scoring, **scoring}
+    train_images = prepared.images[prepared.rows(train["image_id"])]
+    scope, scope_state = inference.fit_scope(
+        predictor, settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
+        train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),
+        val=(images, predictor.patient_rows(val)),
+        val_probabilities=calibrate.probabilities(logits, scoring))
+    modelfile.save_ensemble(members, Path("models/model.pt"), ensemble["combine"], scoring, scope, scope_state)
     search = report.pop("tau_search")
-    write_json(Path("metrics/calibrate.json"), {"members": len(members), "combine": ensemble["combine"], **report},
-               sort_keys=False)
+    write_json(Path("metrics/calibrate.json"), {"members": len(members), "combine": ensemble["combine"], **report,
+                                                "scope": scope}, sort_keys=False)
     write_csv(Path("plots/calibrate/tau_search.csv"), pd.DataFrame(search))
     before, after = report["val_before"], report["val_after"]
     logging.info("%d member(s); validation: tau %.2f, temperature %.2f, melanoma threshold %.3f; balanced accuracy "

@@ -93,7 +93,10 @@ class Analyst:
             return {"file": name, "error": errors[0]}
         classes = list(self.info["classes"])
         with self.lock:
-            probabilities = self.predictor.probabilities(pixels, patient=rows)[0]
+            probabilities = self.predictor.probabilities(pixels, patient=rows)
+            scores = self.predictor.scope_scores(pixels, probabilities=probabilities, patient=rows)
+            in_scope = self.predictor.in_scope(scores)
+            probabilities = probabilities[0]
             predicted = int(probabilities.argmax())
             # The scored prediction is the target, as in the explain stage.
             cams, _ = explain.member_heatmaps(self.model, inference.normalise(pixels, self.info, "cpu"),
@@ -103,11 +106,13 @@ class Analyst:
                   "confidence": float(probabilities[predicted]),
                   "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probabilities)},
                   "image": png_data_url(pixels[0]), "overlay": png_data_url(plots.overlay(pixels[0], cams[0])),
-                  "melanoma": None}
+                  "melanoma": None, "in_scope": None if in_scope is None else bool(in_scope[0]),
+                  "scope_score": None if scores is None else round(float(scores[0]), 4)}
         flags = self.predictor.melanoma_flags(probabilities[None])
-        if flags is not None:
+        if flags is not None:  # no flag for an image out of scope
             result["melanoma"] = {"probability": float(probabilities[classes.index("mel")]),
-                                  "threshold": float(self.scoring["mel_threshold"]), "flag": bool(flags[0])}
+                                  "threshold": float(self.scoring["mel_threshold"]),
+                                  "flag": bool(flags[0]) and result["in_scope"] is not False}
         return result
 
 

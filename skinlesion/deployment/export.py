@@ -28,7 +28,7 @@ from torch import nn
 from skinlesion import PipelineError
 from skinlesion.data import patient
 from skinlesion.deployment import runtime
-from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT, PATIENT
+from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT, PATIENT, SCOPE
 from skinlesion.evaluation.inference import normalise
 from skinlesion.files import atomic_path
 
@@ -49,14 +49,22 @@ class Normalised(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std)
+        return self.answer((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std)
+
+    def answer(self, batch: torch.Tensor, *patient: torch.Tensor):
+        """The logits; with the Mahalanobis out-of-scope score, (logits, distances)."""
+        scope = getattr(self.model, "scope", None)
+        if scope is None:
+            return self.model(batch, *patient)
+        logits, features = self.model.forward_features(batch, *patient)
+        return logits, scope(features)
 
 
 class NormalisedWithPatient(Normalised):
     """``Normalised`` for a model that also takes the encoded patient metadata."""
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor) -> torch.Tensor:
-        return self.model((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std, patient)
+        return self.answer((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std, patient)
 
 
 def metadata(info: dict) -> dict[str, str]:
@@ -68,6 +76,10 @@ def metadata(info: dict) -> dict[str, str]:
              "output": f"{OUTPUT}: float32 N x {len(info['classes'])} raw logits, before the scoring"}
     if info.get("scoring"):
         props["scoring"] = json.dumps(info["scoring"], sort_keys=True)
+    if info.get("scope"):
+        props["scope"] = json.dumps(info["scope"], sort_keys=True)
+        if info["scope"]["method"] == "mahalanobis":
+            props["output"] += f"; {SCOPE}: float32 N, the out-of-scope distance (compared with scope.threshold)"
     if info.get("members"):  # an ensemble: its combination and members, the graph averaging them inside
         props["settings"] = json.dumps(info["settings"], sort_keys=True)
         props["members"] = json.dumps([{key: member[key] for key in ("architecture", "settings", "head")}
@@ -113,7 +125,8 @@ def to_onnx(model: nn.Module, info: dict, example_batch: int = 2) -> onnx.ModelP
             program = torch.export.export(wrapper, example, strict=True, dynamic_shapes=shapes)
             # optimize=False: ONNX Script's optimiser (0.7) drops an Add of any constant within
             # 1e-8 of zero, which removes FixCaps' squash epsilon and moves its logits by ~1e-3.
-            exported = torch.onnx.export(program, example, input_names=names, output_names=[OUTPUT],
+            outputs = [OUTPUT, SCOPE] if getattr(model, "scope", None) is not None else [OUTPUT]
+            exported = torch.onnx.export(program, example, input_names=names, output_names=outputs,
                                          opset_version=OPSET, dynamo=True, external_data=False, optimize=False,
                                          verbose=False)
     except Exception as error:  # noqa: BLE001 - whatever the exporter refuses is reported on one line
@@ -133,10 +146,18 @@ def largest_difference(proto_or_path, model: nn.Module, info: dict, batch: int =
     session, _ = runtime.load(proto_or_path)
     images = _example(int(info["image_size"]), batch).numpy()
     extra = _example_patient(info, batch)
-    got = session.run([OUTPUT], {INPUT: images, **({PATIENT: extra[0].numpy()} if extra else {})})[0]
+    feed = {INPUT: images, **({PATIENT: extra[0].numpy()} if extra else {})}
+    got = session.run([OUTPUT], feed)[0]
     with torch.no_grad():
         expected = model.eval()(normalise(images, info, "cpu"), *extra).float().numpy()
-    return float(np.abs(got - expected).max())
+    difference = float(np.abs(got - expected).max())
+    if getattr(model, "scope", None) is not None:  # the distance, relative to its size
+        with torch.no_grad():
+            _, features = model.forward_features(normalise(images, info, "cpu"), *extra)
+            distances = model.scope(features).numpy()
+        onnx_distances = session.run([SCOPE], feed)[0]
+        difference = max(difference, float((np.abs(onnx_distances - distances) / np.maximum(distances, 1.0)).max()))
+    return difference
 
 
 def export(model: nn.Module, info: dict, path: str | Path) -> float:

@@ -23,6 +23,7 @@ from skinlesion.untrusted import shown
 FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
 INPUT, OUTPUT = "images", "logits"
 PATIENT = "patient"  # the second input of a model that takes the patient's metadata
+SCOPE = "scope"  # the second output of a model carrying the Mahalanobis out-of-scope score
 
 
 def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
@@ -49,7 +50,7 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
     missing = [key for key in ("classes", "image_size", "mean", "std") if key not in props]
     if missing:
         raise PipelineError(f"{where}: its metadata has no {missing[0]} (the file is damaged or was edited); {hint}")
-    for key in ("classes", "image_size", "mean", "std", "scoring", "patient", "settings", "members"):
+    for key in ("classes", "image_size", "mean", "std", "scoring", "patient", "settings", "members", "scope"):
         if key not in props:  # scoring and patient are optional; settings and members an ensemble's
             continue
         try:
@@ -88,6 +89,25 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     return np.concatenate(out, axis=1)
 
 
+def plain_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
+                  patient: np.ndarray | None = None, progress: str | None = None):
+    """The plain view's logits and, for a graph with the out-of-scope output, the distances."""
+    check_views("none", images, info)
+    has_scope = SCOPE in [output.name for output in session.get_outputs()]
+    names = [OUTPUT, SCOPE] if has_scope else [OUTPUT]
+    logits, distances = [np.zeros((0, len(info["classes"])), np.float32)], [np.zeros(0, np.float32)]
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        feed = {INPUT: np.asarray(images[start:start + batch_size], dtype=np.uint8)}
+        if patient is not None:
+            feed[PATIENT] = np.asarray(patient[start:start + batch_size], np.float32)
+        got = session.run(names, feed)
+        logits.append(got[0])
+        if has_scope:
+            distances.append(got[1])
+    return np.concatenate(logits), np.concatenate(distances) if has_scope else None
+
+
 class OnnxPredictor(Predictor):
     """An ONNX export on ONNX Runtime (the CPU)."""
 
@@ -99,3 +119,8 @@ class OnnxPredictor(Predictor):
                     patient: np.ndarray | None = None) -> np.ndarray:
         return view_logits(self.session, self.info, images, tta=tta, batch_size=batch_size, progress=progress,
                            patient=patient)
+
+    def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
+                      progress: str | None = None):
+        return plain_outputs(self.session, self.info, images, batch_size=batch_size, patient=patient,
+                             progress=progress)

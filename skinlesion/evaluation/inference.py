@@ -56,6 +56,32 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
     return torch.cat(out, dim=1).numpy()
 
 
+@torch.no_grad()
+def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 128,
+                  device: str | torch.device = "cpu", patient: np.ndarray | None = None,
+                  progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The plain view's raw logits (N x classes), pooled image features (N x D) and, for
+    a model carrying the Mahalanobis out-of-scope score (``model.scope``), its distances."""
+    check_views("none", images, info)
+    model.eval()
+    scope = getattr(model, "scope", None)
+    logits, features, distances = [], [], []
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        batch = normalise(images[start:start + batch_size], info, device)
+        extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
+        batch_logits, pooled = model.forward_features(batch, *extra)
+        logits.append(batch_logits.float().cpu())
+        features.append(pooled.float().cpu())
+        if scope is not None:
+            distances.append(scope(pooled).cpu())
+    if not logits:
+        return (np.zeros((0, len(info["classes"])), np.float32), np.zeros((0, 0), np.float32),
+                None if scope is None else np.zeros(0, np.float32))
+    return (torch.cat(logits).numpy(), torch.cat(features).numpy(),
+            None if scope is None else torch.cat(distances).numpy())
+
+
 class TorchPredictor(Predictor):
     """A model file's network, scored on ``device``."""
 
@@ -68,3 +94,45 @@ class TorchPredictor(Predictor):
                     patient: np.ndarray | None = None) -> np.ndarray:
         return view_logits(self.model, self.info, images, tta=tta, batch_size=batch_size, device=self.device,
                            progress=progress, patient=patient)
+
+    def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
+                      progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, _, distances = plain_outputs(self.model, self.info, images, batch_size=batch_size, device=self.device,
+                                             patient=patient, progress=progress)
+        return logits, distances
+
+
+def fit_scope(predictor: TorchPredictor, method: str, retention: float, *, train: tuple, val: tuple,
+              val_probabilities: np.ndarray, batch_size: int = 128) -> tuple[dict | None, dict]:
+    """The out-of-scope score of ``method`` (skinlesion.evaluation.scope) for the
+    predictor's model: for mahalanobis, class means and shared precision fitted on the
+    ``train`` split's pooled features (``(images, labels, patient rows)``), attached to
+    the model as ``model.scope``; then the threshold keeping ``retention`` of the ``val``
+    images (``(images, patient rows)``) in scope. Returns the model file's ``scope`` and
+    the tensors to store (none for msp and energy)."""
+    from skinlesion.evaluation import scope
+
+    if method == "none":
+        return None, {}
+    state = {}
+    if method == "mahalanobis":
+        state = attach_mahalanobis(predictor, train, batch_size)
+    images, patient = val
+    predictor.info = {**predictor.info, "scope": {"method": method, "threshold": 0.0, "retention": retention}}
+    scores = predictor.scope_scores(images, probabilities=val_probabilities, batch_size=batch_size, patient=patient)
+    return {"method": method, "threshold": scope.threshold(scores, retention), "retention": retention}, state
+
+
+def attach_mahalanobis(predictor: TorchPredictor, train: tuple, batch_size: int = 128) -> dict:
+    """Fit the Mahalanobis score's class means and shared precision on the ``train``
+    split's pooled features (``(images, labels, patient rows)``) and attach it to the
+    predictor's model as ``model.scope``; returns its tensors, as the model file keeps them."""
+    from skinlesion.evaluation import scope
+    from skinlesion.training.models import Scope
+
+    images, labels, patient = train
+    _, features, _ = plain_outputs(predictor.model, predictor.info, images, batch_size=batch_size,
+                                   device=predictor.device, patient=patient, progress="scope: train features")
+    means, precision = scope.fit_mahalanobis(features, labels, len(predictor.classes))
+    predictor.model.scope = Scope(torch.from_numpy(means), torch.from_numpy(precision)).to(predictor.device)
+    return {"scope.means": predictor.model.scope.means, "scope.precision": predictor.model.scope.precision}

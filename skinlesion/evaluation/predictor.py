@@ -2,7 +2,8 @@
 uint8 images (and, for a model that takes it, the patient's encoded metadata) into the
 pipeline's answer the way the file says: the test-time views, their logits, the logit
 adjustment and temperature chosen on validation, the averaged probabilities, and the
-melanoma flag. Evaluate, external, the prediction command (``predict`` and ``--score``)
+melanoma flag, and whether the image is in scope at all (``scope_scores``,
+``in_scope``; skinlesion.evaluation.scope). Evaluate, external, the prediction command (``predict`` and ``--score``)
 and the page all go through it; the PyTorch backend is
 ``skinlesion.evaluation.inference.TorchPredictor``, the ONNX one
 ``skinlesion.deployment.runtime.OnnxPredictor``. No PyTorch is imported here."""
@@ -13,7 +14,7 @@ import numpy as np
 
 from skinlesion import PipelineError
 from skinlesion.data import patient
-from skinlesion.evaluation import calibrate
+from skinlesion.evaluation import calibrate, scope
 from skinlesion.params import TTA
 
 
@@ -67,6 +68,34 @@ class Predictor:
         logits = self.view_logits(images, tta=self.scoring["tta"], batch_size=batch_size, progress=progress,
                                   patient=patient)
         return calibrate.probabilities(logits, self.scoring).astype(np.float32)
+
+    def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
+                      progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The plain view's raw logits (N x classes) and, for a model that carries the
+        Mahalanobis out-of-scope score, each image's distance (else None)."""
+        raise NotImplementedError
+
+    def scope_scores(self, images: np.ndarray, *, probabilities: np.ndarray | None = None, batch_size: int = 128,
+                     patient: np.ndarray | None = None, progress: str | None = None) -> np.ndarray | None:
+        """Each image's out-of-scope score by the model file's method (larger: further
+        from the training data), or None for a model without one. ``probabilities``:
+        the images' scored probabilities, if already at hand."""
+        method = (self.info.get("scope") or {}).get("method")
+        if method is None:
+            return None
+        if method == "msp":
+            if probabilities is None:
+                probabilities = self.probabilities(images, batch_size=batch_size, patient=patient, progress=progress)
+            return scope.scores(method, probabilities=probabilities)
+        logits, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient, progress=progress)
+        return scope.scores(method, logits=logits, distances=distances)
+
+    def in_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """Whether each score keeps its image in scope (at most the threshold chosen on
+        validation), or None for a model without a score."""
+        if scores is None or not self.info.get("scope"):
+            return None
+        return np.asarray(scores) <= self.info["scope"]["threshold"]
 
     def melanoma_flags(self, probabilities: np.ndarray) -> np.ndarray | None:
         """Whether each image crosses the melanoma threshold chosen on validation, or None

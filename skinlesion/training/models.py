@@ -76,7 +76,9 @@ class Classifier(nn.Module):
         self.patient = nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.backbone(images)
+        return self.logits(self.backbone(images), patient)
+
+    def logits(self, features: torch.Tensor, patient: torch.Tensor | None) -> torch.Tensor:
         if self.patient is None:
             return self.head(features)
         if patient is None:
@@ -85,6 +87,37 @@ class Classifier(nn.Module):
         if isinstance(self.head, Head):
             return self.head(features, self.patient(patient))
         return self.head(features) + self.patient(patient)  # a head of its own: the metadata adds logits
+
+    def forward_features(self, images: torch.Tensor, patient: torch.Tensor | None = None):
+        """The logits and the pooled image features (the backbone's output averaged over
+        its spatial positions or tokens: what the out-of-scope score measures), from one pass."""
+        features = self.backbone(images)
+        return self.logits(features, patient), pooled(features)
+
+
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """N x D: a feature map averaged over its positions, tokens or capsules over theirs."""
+    if features.dim() == 4:
+        return features.float().mean(dim=(2, 3))
+    if features.dim() == 3:
+        return features.float().mean(dim=1)
+    return features.float().flatten(1)
+
+
+class Scope(nn.Module):
+    """The out-of-scope score of Lee et al. (NeurIPS 2018): the squared Mahalanobis
+    distance of an image's pooled features to the nearest class mean, under one
+    covariance shared by the classes (both fitted on the train split). Large means far
+    from anything the model was trained on."""
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor):
+        super().__init__()
+        self.register_buffer("means", means.float())
+        self.register_buffer("precision", precision.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features.float()[:, None, :] - self.means[None]  # N x C x D
+        return torch.einsum("ncd,de,nce->nc", centred, self.precision, centred).amin(dim=1)
 
 
 # --- pretrained torchvision backbones --------------------------------------------
@@ -365,11 +398,17 @@ class Ensemble(nn.Module):
         self.combine = combine
 
     def forward(self, images: torch.Tensor, patient: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(images, patient)[0]
+
+    def forward_features(self, images: torch.Tensor, patient: torch.Tensor | None = None):
+        """The combined logits and the members' pooled features side by side."""
         extra = () if patient is None else (patient,)
-        logits = torch.stack([member(images, *extra).float() for member in self.members])
+        answers = [member.forward_features(images, *extra) for member in self.members]
+        logits = torch.stack([member_logits.float() for member_logits, _ in answers])
+        features = torch.cat([member_features for _, member_features in answers], dim=1)
         if self.combine == "logits":
-            return logits.mean(dim=0)
-        return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.members))
+            return logits.mean(dim=0), features
+        return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.members)), features
 
 
 def members_of(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,82 @@
+"""Knowing when not to answer: a score per image of how far it lies from the training
+data, and the threshold, chosen on validation, past which the pipeline says "this does
+not look like the dermatoscopic images the model was trained on" instead of a diagnosis.
+
+Three candidates, each larger for an image further out:
+
+- ``msp``: one minus the maximum softmax probability (Hendrycks & Gimpel 2017), of
+  the probabilities as scored;
+- ``energy``: minus the log-sum-exp of the logits (Liu et al. 2020), of the plain view;
+- ``mahalanobis``: the squared Mahalanobis distance of the pooled image features to
+  the nearest class mean under one shared covariance (Lee et al. 2018), both fitted on
+  the **train** split, Ledoit-Wolf shrunk (``skinlesion.training.models.Scope``
+  computes it inside the model, so the ONNX export carries it too).
+
+The threshold keeps ``retention`` (95 %) of the validation images in scope. The scope
+stage measures every candidate on images that no training and no threshold saw.
+No PyTorch here."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from skinlesion import PipelineError
+
+METHODS = ("msp", "energy", "mahalanobis")
+NOTICE = "this does not look like the dermatoscopic images the model was trained on"
+
+
+def scores(method: str, *, logits: np.ndarray | None = None, probabilities: np.ndarray | None = None,
+           distances: np.ndarray | None = None) -> np.ndarray:
+    """Per-image out-of-scope scores of ``method`` from what it needs: ``probabilities``
+    (as scored) for msp, the plain view's ``logits`` for energy, the model's
+    Mahalanobis ``distances`` for mahalanobis."""
+    if method == "msp":
+        return 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
+    if method == "energy":
+        return -logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
+    if method == "mahalanobis":
+        return np.asarray(distances, dtype=np.float64)
+    raise PipelineError(f"calibrate.scope is '{method}'; expected none or one of {', '.join(METHODS)}")
+
+
+def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class means (C x D) and the precision (D x D) of the covariance they share, from
+    the train split's pooled features."""
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    missing = [c for c in range(num_classes) if not (labels == c).any()]
+    if missing:
+        raise PipelineError(f"class {missing[0]} has no train image; the out-of-scope score cannot be fitted")
+    means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
+    centred = features - means[labels]
+    estimate = LedoitWolf(assume_centered=True).fit(centred)
+    return means.astype(np.float32), estimate.precision_.astype(np.float32)
+
+
+def threshold(validation_scores: np.ndarray, retention: float) -> float:
+    """The score at or below which ``retention`` of the validation images lie."""
+    values = np.asarray(validation_scores, dtype=np.float64)
+    if not len(values) or not np.isfinite(values).all():
+        raise PipelineError("the out-of-scope scores of the validation images are missing or not finite")
+    return float(np.quantile(values, retention, method="higher"))
+
+
+def separation(inside: np.ndarray, outside: np.ndarray, limit: float | None = None, retention: float = 0.95) -> dict:
+    """How well the scores tell ``outside`` images from ``inside`` ones: AUROC (outside
+    positive), the false-positive rate at ``retention`` of the inside kept (the share
+    of outside images still answered at the threshold keeping that share of ``inside``),
+    and, with ``limit`` (the model's own threshold), the shares each side of it."""
+    inside, outside = np.asarray(inside, dtype=np.float64), np.asarray(outside, dtype=np.float64)
+    labels = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    cut = np.quantile(inside, retention, method="higher")
+    result = {"images": int(len(outside)),
+              "auroc": round(float(roc_auc_score(labels, np.r_[inside, outside])), 4),
+              f"fpr_at_{round(retention * 100)}": round(float((outside <= cut).mean()), 4)}
+    if limit is not None:
+        result["caught"] = round(float((outside > limit).mean()), 4)
+        result["in_distribution_kept"] = round(float((inside <= limit).mean()), 4)
+    return result

@@ -1,0 +1,152 @@
+"""The out-of-scope score: the Mahalanobis distance as the model computes it, the
+candidates' formulas, the threshold kept on validation, and a model file that carries
+it through predict, ONNX and the page."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion.app.server import Analyst
+from skinlesion.deployment import export, runtime
+from skinlesion.evaluation import inference, scope, scope_sets
+from skinlesion.training import models
+from tests.test_ensemble import saved_members
+from tests.test_export import SCORING, images
+
+
+def test_the_models_distance_is_the_mahalanobis_distance_to_the_nearest_class_mean():
+    rng = np.random.default_rng(0)
+    means, features = rng.normal(size=(7, 5)), rng.normal(size=(9, 5))
+    root = rng.normal(size=(5, 5))
+    precision = root @ root.T + np.eye(5)
+    expected = np.min([[(f - m) @ precision @ (f - m) for m in means] for f in features], axis=1)
+    got = models.Scope(torch.tensor(means), torch.tensor(precision))(torch.tensor(features, dtype=torch.float32))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
+def test_fitted_on_clusters_far_points_score_higher_and_the_threshold_keeps_its_share():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=5, size=(7, 8))
+    labels = rng.integers(0, 7, 2000)
+    features = centres[labels] + rng.normal(size=(2000, 8))
+    means, precision = scope.fit_mahalanobis(features, labels, 7)
+    np.testing.assert_allclose(means, centres, atol=0.3)
+    model = models.Scope(torch.from_numpy(means), torch.from_numpy(precision))
+    near = model(torch.tensor(centres[labels[:500]] + rng.normal(size=(500, 8)), dtype=torch.float32)).numpy()
+    far = model(torch.tensor(rng.normal(scale=30, size=(500, 8)), dtype=torch.float32)).numpy()
+    limit = scope.threshold(near, 0.95)
+    assert (near <= limit).mean() >= 0.95 and (far > limit).mean() > 0.9
+    figures = scope.separation(near, far, limit)
+    assert figures["auroc"] > 0.95 and figures["fpr_at_95"] < 0.1 and figures["in_distribution_kept"] >= 0.95
+    with pytest.raises(PipelineError, match="class 6 has no train image"):
+        scope.fit_mahalanobis(features[labels < 6], labels[labels < 6], 7)
+
+
+def test_the_candidates_formulas_and_their_direction():
+    probabilities = np.array([[0.9, 0.1], [0.5, 0.5]])
+    np.testing.assert_allclose(scope.scores("msp", probabilities=probabilities), [0.1, 0.5])
+    logits = np.array([[10.0, 0.0], [0.1, 0.0]])  # a confident image has the lower (more inside) energy
+    energy = scope.scores("energy", logits=logits)
+    assert energy[0] < energy[1]
+    with pytest.raises(PipelineError, match="calibrate.scope is 'odin'"):
+        scope.scores("odin", logits=logits)
+    assert scope.separation(np.zeros(50), np.ones(50))["auroc"] == 1.0
+    assert scope.separation(np.arange(50.0), np.arange(50.0))["auroc"] == 0.5
+
+
+def test_the_generated_sets_are_fixed_and_hold_every_kind():
+    first, kinds = scope_sets.patterns(32, per_kind=3, seed=4)
+    again, _ = scope_sets.patterns(32, per_kind=3, seed=4)
+    assert np.array_equal(first, again) and first.shape == (21, 32, 32, 3) and set(kinds) == set(scope_sets.PATTERNS)
+    checkerboard = first[kinds.index("checkerboard")]
+    assert {tuple(c) for c in checkerboard.reshape(-1, 3)} == {(255, 220, 0), (20, 60, 200)}  # blue and yellow
+    lesions = images(10, 32)
+    broken, kinds = scope_sets.corrupted(lesions, per_kind=4, seed=0)
+    assert broken.shape == (24, 32, 32, 3) and set(kinds) == set(scope_sets.CORRUPTIONS)
+    assert broken[kinds.index("dark")].max() <= 21
+
+
+def scoped_model_file(tmp_path, members=1):
+    """A model file carrying the Mahalanobis score, fitted on random 'train' images."""
+    paths = saved_members(tmp_path, members)
+    model, info = modelfile.load_members(paths, "probabilities")
+    predictor = inference.TorchPredictor(model, {**info, "scoring": SCORING})
+    train = images(70, 32, seed=3)
+    state = inference.attach_mahalanobis(predictor, (train, np.arange(70) % 7, None))
+    val = images(40, 32, seed=4)
+    found, _ = inference.fit_scope(predictor, "energy", 0.95, train=(train, np.arange(70) % 7, None),
+                                   val=(val, None), val_probabilities=None)
+    assert found["method"] == "energy"
+    found, state = inference.fit_scope(predictor, "mahalanobis", 0.95, train=(train, np.arange(70) % 7, None),
+                                       val=(val, None), val_probabilities=None)
+    target = tmp_path / "model.pt"
+    modelfile.save_ensemble(paths, target, "probabilities", SCORING, found, state)
+    return target, predictor
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_model_file_carries_the_score_through_predict_and_onnx(tmp_path, members):
+    target, fitted = scoped_model_file(tmp_path, members)
+    model, info = modelfile.load(target)
+    assert info["scope"]["method"] == "mahalanobis" and model.scope.means.shape[0] == len(CLASSES)
+    loaded = inference.TorchPredictor(model, info)
+    inside, outside = images(6, 32, seed=3), scope_sets.patterns(32, per_kind=1)[0]
+    pixels = np.concatenate([inside, outside])
+    scores = loaded.scope_scores(pixels)
+    np.testing.assert_allclose(scores, fitted.scope_scores(pixels), rtol=1e-5)
+    assert loaded.in_scope(scores).tolist() == (scores <= info["scope"]["threshold"]).tolist()
+    assert export.export(model, info, tmp_path / "model.onnx") < 1e-3
+    session, onnx_info = runtime.load(tmp_path / "model.onnx")
+    assert onnx_info["scope"] == info["scope"]
+    onnx_scores = runtime.OnnxPredictor(session, onnx_info).scope_scores(pixels)
+    assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"ISIC_{index:07d}.png")
+    for name in ("model.pt", "model.onnx"):
+        out = tmp_path / f"{name}.csv"
+        done = subprocess.run([sys.executable, "-m", "skinlesion.predict", str(tmp_path / name), str(folder),
+                               "-o", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        table = pd.read_csv(out).sort_values("image_id")
+        np.testing.assert_allclose(table["scope_score"], scores, rtol=1e-3, atol=1e-3)
+        assert table["in_scope"].tolist() == loaded.in_scope(scores).astype(int).tolist()
+        assert (table["melanoma_flag"] <= table["in_scope"]).all(), "an image out of scope raised the flag"
+        assert "out of scope" in done.stderr
+
+
+def test_the_page_answers_an_image_out_of_scope_with_a_notice(tmp_path):
+    target, _ = scoped_model_file(tmp_path)
+    analyst = Analyst(target)
+    board = scope_sets.patterns(32, per_kind=1)[0][0]  # the blue-and-yellow checkerboard
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.fromarray(board).save(buffer, format="PNG")
+    answer = analyst.analyse("board.png", buffer.getvalue())
+    assert answer["in_scope"] is False and answer["scope_score"] > analyst.info["scope"]["threshold"]
+    assert answer["melanoma"] is None or answer["melanoma"]["flag"] is False
+
+
+def test_a_file_claiming_the_score_without_its_tensors_is_refused_in_one_line(tmp_path):
+    target, _ = scoped_model_file(tmp_path)
+    payload = torch.load(target, weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("scope.")}
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(PipelineError, match="edited.pt: its out-of-scope score has no class means"):
+        modelfile.load(tmp_path / "edited.pt")
+    payload = torch.load(target, weights_only=True)
+    payload["scope"] = {**payload["scope"], "threshold": float("nan")}
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(PipelineError, match="scope.threshold"):
+        modelfile.load(tmp_path / "nan.pt")
