@@ -1,0 +1,225 @@
+"""Bayesian search of the recipe with Optuna, each trial a DVC experiment.
+
+    python -m skinlesion.tune --trials 20                 # the search space of tune.yaml
+    python -m skinlesion.tune --trials 20 -S prepare.image_size=64 -S train.epochs=18
+    dvc exp show                                          # every trial, with its params and validation figures
+    dvc exp apply tune-7                                  # bring trial 7 into the workspace
+
+A trial is ``dvc exp run -n STUDY-NUMBER -S key=value ... train``: the data stages (from
+the run cache when unchanged) and the members' train stages, nothing after them, so
+the test split is never read by a trial. The objective is the validation figure of the
+epoch each member kept (``objective`` in the space file, e.g. ``val_macro_auc``),
+averaged over the members; TPE samples the next trial, and a median pruner, fed that
+figure after every epoch (DVCLive's curve), stops a trial that falls behind.
+
+The study lives in SQLite under the repository by default (``.optuna/studies.db``,
+git-ignored); any database URL Optuna accepts (``--storage postgresql://...``) lets
+several machines work on one study. Ctrl-C stops the trial under way (marked failed)
+and leaves the study resumable: the next call with the same study carries on until
+``--trials`` trials have completed or been pruned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from skinlesion import PipelineError, cli, params
+
+log = logging.getLogger("skinlesion.tune")
+
+SPACE = Path("tune.yaml")
+STORAGE = "sqlite:///.optuna/studies.db"
+POLL_SECONDS = 2.0
+
+
+class TrialFailed(Exception):
+    """The experiment of a trial did not finish (diverged, bad params): the study goes on."""
+
+
+def read_space(path: Path) -> dict:
+    """The search space: ``objective`` and, per dotted param, ``{low, high[, log][, int]}``
+    or ``{choices: [...]}``; each param must be one this pipeline knows."""
+    try:
+        values = params.parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such search-space file; give one with --space (see tune.yaml)") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML: {params.yaml_problem(error)}; fix it") from None
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path} must be a mapping with objective and params")
+    objective = values.get("objective")
+    space = values.get("params")
+    if not isinstance(objective, str) or not objective.startswith("val_"):
+        raise PipelineError(f"{path}: objective must name a validation figure of the kept epoch (val_macro_auc, "
+                            f"val_balanced_accuracy, val_loss, ...), not {objective!r}: the test split is never "
+                            f"a search objective")
+    if not isinstance(space, dict) or not space:
+        raise PipelineError(f"{path}: params must map dotted params to their ranges, e.g. "
+                            f"train.lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}")
+    for key, spec in space.items():
+        params.schema_at(key)  # a param the pipeline knows, else one line naming it
+        if key.split(".")[0] not in ("model", "models", "train", "prepare", "balance", "ensemble"):
+            raise PipelineError(f"{path}: {key} is not a training param; a trial runs only up to the train stages")
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            raise PipelineError(f"{path}: {key} needs {{low, high}} (with log: true or int: true) or {{choices: [...]}}")
+    return {"objective": objective, "direction": "minimize" if objective == "val_loss" else "maximize",
+            "params": space}
+
+
+def suggest(trial, space: dict) -> dict:
+    chosen = {}
+    for key, spec in space.items():
+        if "choices" in spec:
+            chosen[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif spec.get("int"):
+            chosen[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            chosen[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return chosen
+
+
+def member_seeds(root: Path, chosen: dict) -> list[int]:
+    return list(chosen.get("ensemble.seeds") or params.read_yaml(root / "params.yaml")["ensemble"]["seeds"])
+
+
+def epoch_figures(root: Path, seed: int, objective: str) -> pd.Series:
+    """The validation figure after each epoch so far (DVCLive's curve of member ``seed``)."""
+    path = root / "metrics" / "train" / str(seed) / "plots" / "metrics" / "val" / f"{objective.removeprefix('val_')}.tsv"
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return pd.Series(dtype=float)
+    return table.set_index("step")[table.columns[-1]]
+
+
+def kept_figure(root: Path, seeds: list[int], objective: str) -> float:
+    """The objective: the validation figure of the epoch each member kept, averaged."""
+    values = []
+    for seed in seeds:
+        path = root / "metrics" / "train" / str(seed) / "metrics.json"
+        try:
+            values.append(float(json.loads(path.read_text())[objective]))
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            raise TrialFailed(f"{path} has no {objective} ({type(error).__name__})") from None
+    return sum(values) / len(values)
+
+
+def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str) -> float:
+    import optuna
+
+    chosen = suggest(trial, space["params"])
+    name = f"{study_name}-{trial.number}"
+    overrides = [*fixed, *(f"{key}={json.dumps(value)}" for key, value in chosen.items())]
+    command = ["dvc", "exp", "run", "-n", name, *[part for item in overrides for part in ("-S", item)], "train"]
+    trial.set_user_attr("experiment", name)
+    log.info("trial %d (%s): %s", trial.number, name, ", ".join(f"{k}={v}" for k, v in chosen.items()))
+    seeds = member_seeds(root, chosen)
+    logs = root / ".optuna" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "w", encoding="utf-8") as output:
+        process = subprocess.Popen(command, cwd=root, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        reported = set()
+        try:
+            while process.poll() is None:
+                time.sleep(POLL_SECONDS)
+                for step, value in epoch_figures(root, seeds[0], space["objective"]).items():
+                    if step in reported:
+                        continue
+                    reported.add(step)
+                    trial.report(float(value), int(step))
+                    if trial.should_prune():
+                        os.killpg(process.pid, signal.SIGINT)
+                        process.wait()
+                        log.info("trial %d pruned after epoch %d (%s %.4f)", trial.number, step,
+                                 space["objective"], value)
+                        raise optuna.TrialPruned()
+        except BaseException:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+                process.wait()
+            raise
+    text = (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+    ran = [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
+    trial.set_user_attr("stages", ran)
+    if process.returncode != 0:
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        failure = TrialFailed(f"{name}: `dvc exp run` exited {process.returncode}: {last[0][:300]} "
+                              f"(the whole log: .optuna/logs/{name}.log)")
+        log.warning("warning: trial %d failed: %s", trial.number, failure)
+        raise failure
+    value = kept_figure(root, seeds, space["objective"])
+    log.info("trial %d: %s %.4f", trial.number, space["objective"], value)
+    return value
+
+
+def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name: str, fixed: list[str],
+         seed: int = 0) -> dict:
+    """Run the study until ``trials`` trials have completed or been pruned; returns the best."""
+    import optuna
+
+    space = read_space(space_path)
+    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        (root / storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its tracebacks of failed trials: ours are one line
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                direction=space["direction"], sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    if done:
+        log.info("study %s: %d trial(s) already done, carrying on", study_name, len(done))
+    params_file = root / "params.yaml"
+    original = params_file.read_bytes()
+    try:
+        for _ in range(max(trials - len(done), 0)):
+            study.optimize(lambda trial: run_trial(trial, root, space, fixed, study_name), n_trials=1,
+                           catch=(TrialFailed,))
+    finally:
+        params_file.write_bytes(original)  # the workspace's params as they were; the trials live in `dvc exp show`
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise PipelineError(f"study {study_name}: no trial completed; see the failures above")
+    best = study.best_trial
+    return {"study": study_name, "trials": len(study.trials), "best": best.number, "experiment":
+            best.user_attrs.get("experiment"), "objective": space["objective"], "value": best.value,
+            "params": best.params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.Parser(prog="python -m skinlesion.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="trials to complete or prune in all (default 20)")
+    parser.add_argument("--space", type=Path, default=SPACE, help="the search space (default tune.yaml)")
+    parser.add_argument("--storage", default=STORAGE, help=f"an Optuna database URL (default {STORAGE})")
+    parser.add_argument("--study", default="tune", help="the study's name, and its experiments' prefix")
+    parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    parser.add_argument("-S", "--set-param", dest="fixed", action="append", default=[],
+                        help="a param fixed for every trial, as `dvc exp run -S` takes it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.trials < 1:
+        parser.error("--trials must be at least 1")
+
+    def work() -> int:
+        best = tune(Path("."), trials=args.trials, space_path=args.space, storage=args.storage,
+                    study_name=args.study, fixed=args.fixed, seed=args.seed)
+        log.info("best: trial %d (%s), %s %.4f with %s; `dvc exp apply %s` brings it into the workspace",
+                 best["best"], best["experiment"], best["objective"], best["value"], best["params"],
+                 best["experiment"])
+        return 0
+
+    return cli.guarded("tune: ", work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The Optuna search: each trial a real DVC experiment on synthetic data, listed by
+`dvc exp show` and applied by `dvc exp apply`; the test split never reached; Ctrl-C
+leaves the study resumable; a bad search space is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+
+from skinlesion import PipelineError, tune
+from tests.conftest import PROJECT, make_project, run
+
+SPACE = {"objective": "val_macro_auc",
+         "params": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}, "train.epochs": {"low": 1, "high": 2,
+                                                                                              "int": True}}}
+
+
+def study(project):
+    return optuna.load_study(study_name="tune", storage=f"sqlite:///{project}/.optuna/studies.db")
+
+
+def tune_command(trials: int) -> list[str]:
+    return [sys.executable, "-m", "skinlesion.tune", "--trials", str(trials), "--space", "space.yaml"]
+
+
+@pytest.mark.slow
+def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resumes(synthetic_zips, tmp_path):
+    project = make_project(tmp_path / "project", synthetic_zips)
+    run(["dvc", "repro"], project)  # the baseline a user tunes from
+    (project / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    first = run(tune_command(2), project)
+    assert "best: trial" in first.stderr
+    trials = study(project).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+    # every trial is an experiment with its params and its validation figure
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    for trial in trials:
+        assert trial.user_attrs["experiment"] in shown
+    experiments = {}
+    for entry in json.loads(shown):
+        for child in entry.get("experiments") or []:
+            for revision in child.get("revs", []):
+                if revision.get("name"):
+                    experiments[revision["name"]] = revision["data"]
+    for trial in trials:
+        data = experiments[trial.user_attrs["experiment"]]
+        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(trial.params["train.lr"])
+        summary = data["metrics"]["metrics/train/42/metrics.json"]["data"]
+        assert summary["val_macro_auc"] == pytest.approx(trial.value)
+
+    # no trial ran a stage that reads the test split
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    reads_test = {name for name, spec in stages.items() if "data/split/test.csv" in spec.get("deps", [])}
+    assert {"evaluate", "explain", "scope"} <= reads_test
+    for trial in trials:
+        ran = {stage.split("@")[0] for stage in trial.user_attrs["stages"]}
+        assert "train" in ran and not ran & reads_test, ran
+
+    # the workspace's params are as they were; `dvc exp apply` brings a trial in
+    assert (project / "params.yaml").read_text() == run(["git", "show", "HEAD:params.yaml"], project).stdout
+    run(["dvc", "exp", "apply", trials[1].user_attrs["experiment"]], project)
+    applied = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    assert applied["lr"] == pytest.approx(trials[1].params["train.lr"])
+    assert applied["epochs"] == trials[1].params["train.epochs"]
+    run(["git", "checkout", "--", "."], project)
+
+    # Ctrl-C in the middle of the third trial: exit 130, the trial failed, the study resumable
+    process = subprocess.Popen(tune_command(3), cwd=project, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "SKINLESION_PROGRESS": "0"})
+    deadline = time.monotonic() + 300
+    while not (project / ".optuna/logs/tune-2.log").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert study(project).trials[2].state == optuna.trial.TrialState.FAIL
+    resumed = run(tune_command(3), project)
+    assert "2 trial(s) already done, carrying on" in resumed.stderr
+    states = [t.state for t in study(project).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 4
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"objective": "test_macro_auc", "params": SPACE["params"]}, "objective must name a validation figure"),
+    ({"objective": "val_macro_auc", "params": {"train.lrr": {"low": 1, "high": 2}}}, "train.lrr"),
+    ({"objective": "val_macro_auc", "params": {"evaluate.batch_size": {"low": 1, "high": 2}}},
+     "not a training param"),
+    ({"objective": "val_macro_auc", "params": {"train.lr": {"low": 1}}}, "train.lr needs {low, high}"),
+    ({"objective": "val_macro_auc"}, "params must map dotted params"),
+])
+def test_a_bad_search_space_is_one_line(tmp_path, space, message):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    with pytest.raises(PipelineError, match=message):
+        tune.read_space(tmp_path / "space.yaml")
+
+
+def test_the_shipped_space_is_valid_and_searches_what_the_issue_names():
+    space = tune.read_space(PROJECT / "tune.yaml")
+    assert space["direction"] == "maximize"
+    assert {"train.lr", "train.weight_decay", "train.epochs", "train.ema", "train.sampler", "train.mixup",
+            "train.cutmix", "prepare.image_size"} <= set(space["params"])
