@@ -21,7 +21,6 @@ and leaves the study resumable: the next call with the same study carries on unt
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
