@@ -30,6 +30,11 @@ def main(params):
                  result["lesions"], result["balanced_accuracy"], ci["balanced_accuracy"]["low"],
                  ci["balanced_accuracy"]["high"], result["accuracy"], ci["accuracy"]["low"], ci["accuracy"]["high"],
                  result["macro_f1"], result["macro_roc_auc"], ci["macro_roc_auc"]["low"], ci["macro_roc_auc"]["high"])
+    change = result.get("calibration")
+    if change:
+        logging.info("temperature scaling on the test split: ECE %.3f -> %.3f, difference %+.3f [%+.3f, %+.3f]: %s",
+                     change["ece_before"], change["ece_after"], change["difference"], change["ci95"]["low"],
+                     change["ci95"]["high"], change["verdict"])
 
 
 if __name__ == "__main__":

@@ -303,3 +303,23 @@ def test_scoring_on_the_gpu_matches_the_cpu():
     assert [row["predicted"] for row in rows_gpu] == [row["predicted"] for row in rows_cpu]
     for index in range(10):
         np.testing.assert_allclose(cams_gpu[index], cams_cpu[index], atol=1e-3)
+
+
+def test_calibration_change_says_whether_temperature_scaling_helps_with_a_paired_interval():
+    from scipy.special import softmax
+
+    from skinlesion.evaluation.metrics import calibration_change, expected_calibration_error, weighted_ece
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, 1500)
+    logits = rng.normal(size=(1500, 7)) + 1.5 * np.eye(7)[labels]
+    lesions = np.arange(1500) // 2
+    overconfident, tempered = softmax(logits * 4, axis=1), softmax(logits, axis=1)
+    assert weighted_ece(labels, tempered, np.ones(1500)) == pytest.approx(expected_calibration_error(labels, tempered))
+    change = calibration_change(labels, tempered, overconfident, lesions, resamples=200, seed=0)
+    assert change["ece_after"] < change["ece_before"] and change["verdict"] == "helps"
+    assert change["ci95"]["low"] <= change["difference"] <= change["ci95"]["high"] < 0
+    worse = calibration_change(labels, overconfident, tempered, lesions, resamples=200, seed=0)
+    assert worse["verdict"] == "hurts" and worse["ci95"]["low"] > 0
+    same = calibration_change(labels, tempered, tempered, lesions, resamples=50, seed=0)
+    assert same["difference"] == 0 and same["verdict"] == "no measurable change"

@@ -52,6 +52,31 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows) / max(len(labels), 1))
 
 
+def weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray, bins: int = 15) -> float:
+    """``expected_calibration_error`` when image i counts ``weight[i]`` times."""
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(float)
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+    total = np.bincount(which, weights=weight, minlength=bins)
+    gap = np.bincount(which, weights=weight * (correct - confidence), minlength=bins)
+    return float(np.abs(gap).sum() / max(total.sum(), 1e-12))
+
+
+def calibration_change(labels: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, lesions: np.ndarray, *,
+                       resamples: int, seed: int) -> dict:
+    """Whether temperature scaling helps here: ECE before and after, their difference
+    (after - before; below 0 is better), and its 95 % interval by resampling lesions,
+    the same draws for both (a paired difference: the same images, scored two ways)."""
+    labels = np.asarray(labels)
+    before, after = expected_calibration_error(labels, uncalibrated), expected_calibration_error(labels, calibrated)
+    differences = [weighted_ece(labels, calibrated, weight) - weighted_ece(labels, uncalibrated, weight)
+                   for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed))]
+    low, high = np.percentile(differences, [2.5, 97.5])
+    verdict = "helps" if high < 0 else "hurts" if low > 0 else "no measurable change"
+    return {"ece_before": round(before, 4), "ece_after": round(after, 4), "difference": round(after - before, 4),
+            "ci95": {"low": round(float(low), 4), "high": round(float(high), 4)}, "verdict": verdict}
+
+
 def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
     """The highest true-positive rate among thresholds whose specificity is at least
     ``specificity`` (melanoma: how many are caught when few benign lesions are flagged)."""
@@ -177,6 +202,8 @@ def report(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *
               "expected_calibration_error": expected_calibration_error(labels, probabilities)}
     if uncalibrated is not None:
         result["expected_calibration_error_uncalibrated"] = expected_calibration_error(labels, uncalibrated)
+        result["calibration"] = calibration_change(labels, probabilities, np.asarray(uncalibrated, dtype=np.float64),
+                                                   lesions, resamples=resamples, seed=seed)
     if threshold is not None:  # chosen on validation, applied here once
         result["melanoma"] = {"threshold": float(threshold), "sensitivity": figures["melanoma_sensitivity"],
                               "specificity": figures["melanoma_specificity"]}
