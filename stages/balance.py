@@ -1,20 +1,19 @@
-"""DVC stage `balance`: rebalance the train split on disk (skinlesion.balancing)."""
+"""DVC stage `balance`: rebalance the train split on disk (skinlesion.data.balance)."""
 
 import logging
 from pathlib import Path
-
-import pandas as pd
 
 from skinlesion import plots
 from skinlesion.cli import run_stage
 from skinlesion.data import balance
 from skinlesion.data.prepare import Prepared
+from skinlesion.data.split import read_manifest
 from skinlesion.files import atomic_dir, write_csv, write_json, write_npy
 
 
 def main(params):
     settings = params["balance"]
-    train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
+    train = read_manifest("data/split/train.csv")
     prepared = Prepared("data/prepared")
     planned = balance.plan(train, settings["strategy"], settings["target_per_class"], settings["seed"])
     rows = prepared.rows(planned["image_id"])

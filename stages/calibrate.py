@@ -12,6 +12,7 @@ import pandas as pd
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
+from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import calibrate, inference
 from skinlesion.files import write_csv, write_json
 
@@ -21,8 +22,8 @@ def main(params):
     members = [Path(f"models/members/{seed}.pt") for seed in ensemble["seeds"]]
     device = inference.scoring_device()
     model, info = modelfile.load_members(members, ensemble["combine"], device)
-    val = pd.read_csv("data/split/val.csv", dtype={"image_id": str, "lesion_id": str})
-    train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
+    val = read_manifest("data/split/val.csv")
+    train = read_manifest("data/split/train.csv")
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
     predictor = inference.TorchPredictor(model, info, device)

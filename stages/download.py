@@ -1,4 +1,4 @@
-"""DVC stage `download`: bring HAM10000 into data/raw/ (skinlesion.sources)."""
+"""DVC stage `download`: bring HAM10000 into data/raw/ (skinlesion.data.download)."""
 
 from pathlib import Path
 

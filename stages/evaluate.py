@@ -4,11 +4,10 @@ lesion-bootstrap intervals (skinlesion.evaluation.evaluate)."""
 import logging
 from pathlib import Path
 
-import pandas as pd
-
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
+from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import evaluate, inference, subgroups
 
 
@@ -16,7 +15,7 @@ def main(params):
     settings = params["evaluate"]
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
-    test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
+    test = read_manifest("data/split/test.csv")
     test = subgroups.with_dx_type(test, Path("data/raw/metadata.csv"))  # for the figures by diagnosis method
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(test["image_id"])]

@@ -1,15 +1,15 @@
 """DVC stage `explain`: Grad-CAM on the test split, measured against lesion masks
-(skinlesion.explanations)."""
+(skinlesion.evaluation.explain)."""
 
 import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from skinlesion import CLASSES, modelfile, plots
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
+from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import explain, inference, predictor
 from skinlesion.files import atomic_dir, write_json
 
@@ -18,7 +18,7 @@ def main(params):
     settings = params["explain"]
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
-    test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
+    test = read_manifest("data/split/test.csv")
     prepared = Prepared("data/prepared")
     rows = prepared.rows(test["image_id"])
     images, masks = prepared.images[rows], prepared.masks[rows]

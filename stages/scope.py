@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from skinlesion import modelfile, plots
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
+from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import inference, scope_sets
 from skinlesion.files import atomic_dir, write_json
 
@@ -22,11 +22,11 @@ def main(params):
     prepared = Prepared("data/prepared")
     predictor = inference.TorchPredictor(model, info, device)
     if getattr(model, "scope", None) is None:  # the Mahalanobis candidate, for the comparison, fitted on train
-        train = pd.read_csv("data/split/train.csv", dtype={"image_id": str, "lesion_id": str})
+        train = read_manifest("data/split/train.csv")
         inference.attach_mahalanobis(predictor, (prepared.images[prepared.rows(train["image_id"])],
                                                  train["label"].to_numpy(), predictor.patient_rows(train)),
                                      settings["batch_size"])
-    test = pd.read_csv("data/split/test.csv", dtype={"image_id": str, "lesion_id": str})
+    test = read_manifest("data/split/test.csv")
     images = prepared.images[prepared.rows(test["image_id"])]
     sets = {"patterns": scope_sets.patterns(info["image_size"], settings["per_kind"], settings["seed"]),
             "corrupted": scope_sets.corrupted(images, settings["per_kind"], settings["seed"])}

@@ -1,4 +1,4 @@
-"""DVC stage `split`: lesion-grouped, stratified train/val/test manifests (skinlesion.splitting)."""
+"""DVC stage `split`: lesion-grouped, stratified train/val/test manifests (skinlesion.data.split)."""
 
 import logging
 from pathlib import Path

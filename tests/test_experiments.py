@@ -41,15 +41,9 @@ def test_exp_run_each_model_reruns_only_train_and_what_follows(project, name):
     assert changed["parameters"]["old"] != changed["parameters"]["new"]
 
     assert "metrics/evaluate.json" in diff and "metrics/explain.json" in diff
+    assert f'"try-{name}"' in run(["dvc", "exp", "show", "--json"], project).stdout  # listed by its name
     run(["git", "checkout", "--", "."], project)
     run(["dvc", "checkout", "--force"], project)
-
-
-def test_experiments_are_listed(project):
-    shown = run(["dvc", "exp", "show", "--json"], project).stdout
-    for name in models.ARCHITECTURES:
-        if name != "simple_cnn":
-            assert f"try-{name}" in shown
 
 
 def _patient_width(project):

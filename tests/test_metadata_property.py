@@ -46,3 +46,40 @@ def test_reader_accepts_valid_input_or_raises_its_own_error(text, raw, use_raw):
     assert frame["dx"].isin(CLASSES).all() and frame["image_id"].is_unique
     assert frame.groupby("lesion_id")["dx"].nunique().max() == 1
     assert list(frame["image_id"]) == sorted(frame["image_id"])
+
+
+@st.composite
+def valid_tables(draw):
+    """A well-formed metadata CSV: the official columns in any order, unique image ids,
+    one diagnosis per lesion, any mix of blank and given ages, sexes and sites."""
+    header = draw(st.permutations(list(METADATA_COLUMNS)))
+    count = draw(st.integers(min_value=1, max_value=12))
+    lesions = draw(st.lists(st.integers(0, 5), min_size=count, max_size=count))
+    diagnosis = {lesion: draw(st.sampled_from(CLASSES)) for lesion in set(lesions)}
+    rows = []
+    for index, lesion in enumerate(lesions):
+        values = {"lesion_id": f"HAM_{lesion:07d}", "image_id": f"ISIC_{index:07d}", "dx": diagnosis[lesion],
+                  "dx_type": draw(st.sampled_from(["histo", "follow_up", "consensus", "confocal"])),
+                  "age": draw(st.sampled_from(["", "5.0", "45.0", "85.0"])),
+                  "sex": draw(st.sampled_from(["male", "female", "unknown", ""])),
+                  "localization": draw(st.sampled_from(["back", "face", "lower extremity", "unknown", ""]))}
+        rows.append([values[column] for column in header])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(draw(st.permutations(rows)))
+    return buffer.getvalue(), count
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table=valid_tables())
+def test_reader_accepts_every_well_formed_table(table):
+    """The other half of the property above, which rarely draws a valid table: a
+    well-formed one is always accepted, whole and in image order."""
+    text, count = table
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "HAM10000_metadata.csv"
+        path.write_text(text, encoding="utf-8")
+        frame = metadata.read(path)
+    assert list(frame.columns) == list(METADATA_COLUMNS) and len(frame) == count
+    assert list(frame["image_id"]) == sorted(frame["image_id"])

@@ -91,3 +91,8 @@ def summary(manifests: dict[str, pd.DataFrame]) -> dict:
                         "classes": {dx: int(counts.get(dx, 0)) for dx in CLASSES}}
     result["shared_lesions"] = shared_lesions(manifests)
     return result
+
+
+def read_manifest(path) -> pd.DataFrame:
+    """A split's manifest (data/split/NAME.csv) with its ids as text, as every stage reads it."""
+    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
