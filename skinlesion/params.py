@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from skinlesion import PipelineError
 from skinlesion.untrusted import shown
 
-ARCHITECTURES = ("simple_cnn", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16", "resnet_transformer", "fixcaps")
 TTA = ("none", "flips", "dihedral")
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -142,14 +152,31 @@ class FixCaps(Group):
     routing: Count
 
 
-class Models(Group):
-    simple_cnn: SimpleCnn
-    resnet18: Torchvision
-    resnet50: Torchvision
-    efficientnet_b0: Torchvision
-    vit_b_16: VitB16
-    resnet_transformer: ResnetTransformer
-    fixcaps: FixCaps
+@dataclass(frozen=True)
+class Architecture:
+    """One entry of the registry of architectures: the type of its ``models.<name>``
+    settings and whether it has ImageNet weights (so that freezing its backbone means
+    something). The network itself is built by ``skinlesion.training.models.BUILDERS``
+    under the same name; a test ties the two, and params.yaml's ``models``, together."""
+
+    settings: type[Group]
+    pretrained: bool
+
+
+# The one list of architectures: `model` takes these names, `models` holds their settings.
+REGISTRY = {
+    "simple_cnn": Architecture(SimpleCnn, pretrained=False),
+    "resnet18": Architecture(Torchvision, pretrained=True),
+    "resnet50": Architecture(Torchvision, pretrained=True),
+    "efficientnet_b0": Architecture(Torchvision, pretrained=True),
+    "vit_b_16": Architecture(VitB16, pretrained=True),
+    "resnet_transformer": Architecture(ResnetTransformer, pretrained=True),
+    "fixcaps": Architecture(FixCaps, pretrained=False),
+}
+ARCHITECTURES = tuple(REGISTRY)
+
+Models = create_model("Models", __base__=Group, **{name: (entry.settings, ...) for name, entry in REGISTRY.items()})
+Models.__doc__ = "Each architecture's own settings (``models.<name>``), one field per registry entry."
 
 
 class Train(Group):

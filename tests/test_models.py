@@ -125,3 +125,17 @@ def test_missing_imagenet_weights_fail_with_the_fix(tmp_path):
     assert "cannot get the ImageNet weights for resnet18" in message
     assert f"{tmp_path}/torch/hub/checkpoints/resnet18-f37072fd.pth" in message
     assert "train.weights_path" in message and "train.pretrained=false" in message
+
+
+def test_one_registry_of_architectures_ties_params_builders_and_params_yaml():
+    import yaml
+
+    from skinlesion import params
+    from tests.conftest import PROJECT
+
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert tuple(models.BUILDERS) == params.ARCHITECTURES == tuple(params.REGISTRY)
+    assert tuple(shipped["models"]) == params.ARCHITECTURES
+    assert tuple(params.Models.model_fields) == params.ARCHITECTURES
+    for name, entry in params.REGISTRY.items():  # each architecture's settings read by its own type
+        params.check(entry.settings, shipped["models"][name], f"models.{name}")

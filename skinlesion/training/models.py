@@ -18,6 +18,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from skinlesion import PipelineError
+from skinlesion.params import ARCHITECTURES as REGISTERED
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -345,7 +346,8 @@ def fixcaps(num_classes, image_size, head, pretrained, weights_path, channels=64
     return Classifier(backbone, caps, ("backbone.0.3",))
 
 
-ARCHITECTURES = {
+# The builder of every architecture of the registry (skinlesion.params.REGISTRY), by name.
+BUILDERS = {
     "simple_cnn": simple_cnn,
     "resnet18": _resnet("resnet18"),
     "resnet50": _resnet("resnet50"),
@@ -354,6 +356,10 @@ ARCHITECTURES = {
     "resnet_transformer": resnet_transformer,
     "fixcaps": fixcaps,
 }
+ARCHITECTURES = BUILDERS  # the registry's names, in its order
+if tuple(BUILDERS) != REGISTERED:
+    raise ImportError(f"skinlesion.training.models.BUILDERS {tuple(BUILDERS)} and skinlesion.params.REGISTRY "
+                      f"{REGISTERED} list different architectures; give every registry entry its builder")
 
 
 def build(name: str, *, num_classes: int, image_size: int, settings: dict, head: dict,
@@ -361,10 +367,10 @@ def build(name: str, *, num_classes: int, image_size: int, settings: dict, head:
     """Build architecture ``name`` with its own ``settings`` (the ``models.<name>``
     params) and the ``head`` params (``hidden``, ``dropout``); with ``patient_width``,
     fused with that many metadata features."""
-    if name not in ARCHITECTURES:
-        raise PipelineError(f"model is '{name}'; expected one of {', '.join(ARCHITECTURES)}")
+    if name not in BUILDERS:
+        raise PipelineError(f"model is '{name}'; expected one of {', '.join(BUILDERS)}")
     try:
-        model = ARCHITECTURES[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
+        model = BUILDERS[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
                                     **(settings or {}))
     except TypeError as error:
         raise PipelineError(f"models.{name}: {error}") from None

@@ -27,6 +27,7 @@ from skinlesion.data import patient
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation.metrics import headline
 from skinlesion.files import atomic_dir, atomic_path
+from skinlesion.params import REGISTRY
 from skinlesion.progress import bar
 from skinlesion.training import losses, mixing, models
 from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
@@ -184,7 +185,7 @@ def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
                          patient_width=patient.width(patient.encoding()) if train["metadata"] else 0)
     amp = amp_dtype(train["precision"], device)
     model = models.channels_last(model.to(device))
-    if train["freeze"] and name in ("simple_cnn", "fixcaps"):
+    if train["freeze"] and not REGISTRY[name].pretrained:
         raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
     net = model
     if ranks.world > 1:  # DDP wraps the model for training steps; saving and evaluation use the plain module
