@@ -150,3 +150,19 @@ def test_a_file_claiming_the_score_without_its_tensors_is_refused_in_one_line(tm
     torch.save(payload, tmp_path / "nan.pt")
     with pytest.raises(PipelineError, match="scope.threshold"):
         modelfile.load(tmp_path / "nan.pt")
+
+
+def test_scored_sets_report_the_share_the_model_would_answer(tmp_path):
+    from skinlesion.evaluation import evaluate
+
+    target, _ = scoped_model_file(tmp_path)
+    predictor = inference.TorchPredictor(*modelfile.load(target))
+    pixels = np.concatenate([images(21, 32, seed=3), scope_sets.patterns(32, per_kind=3)[0]])
+    frame = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(pixels))],
+                          "lesion_id": [f"HAM_{i:07d}" for i in range(len(pixels))],
+                          "label": np.arange(len(pixels)) % 7})
+    settings = {"batch_size": 16, "mel_specificity": 0.9, "bootstrap_resamples": 20, "bootstrap_seed": 0}
+    result = evaluate.evaluate_split(predictor, frame, pixels, settings, metrics_path=tmp_path / "m.json",
+                                     plots_dir=None)
+    expected = predictor.in_scope(predictor.scope_scores(pixels)).mean()
+    assert result["in_scope"] == pytest.approx(expected, abs=1e-4) and 0 < result["in_scope"] < 1

@@ -32,6 +32,11 @@ def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray
                                      mel_threshold=how.get("mel_threshold"),
                                      mel_specificity=settings["mel_specificity"],
                                      resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
+    in_scope = predictor.in_scope(predictor.scope_scores(images, probabilities=probabilities,
+                                                         batch_size=settings["batch_size"],
+                                                         patient=predictor.patient_rows(frame)))
+    if in_scope is not None:  # the share the model would answer (the rest: "not like the training data")
+        result["in_scope"] = round(float(in_scope.mean()), 4) if len(in_scope) else None
     write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it
     if plots_dir is not None:
         groups = subgroups.table(frame, labels, probabilities, frame["lesion_id"].to_numpy(),
