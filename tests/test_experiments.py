@@ -31,7 +31,7 @@ def project(synthetic_zips, tmp_path_factory):
 def test_exp_run_each_model_reruns_only_train_and_what_follows(project, name):
     result = run(["dvc", "exp", "run", "-n", f"try-{name}", "-S", f"model={name}"], project)
     stages = re.findall(r"Running stage '([\w@]+)'", result.stdout)
-    assert stages == ["train@42", "calibrate", "export", "evaluate", "external", "card", "explain"]
+    assert stages == ["train@42", "calibrate", "export", "evaluate", "external", "scope", "card", "explain"]
 
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project).stdout)
     changed = diff["metrics/train/42/metrics.json"]

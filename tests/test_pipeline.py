@@ -16,7 +16,7 @@ from tests.conftest import make_project, run, set_params
 
 pytestmark = pytest.mark.slow  # real git+DVC projects and processes
 
-AFTER_TRAIN = ["calibrate", "export", "evaluate", "external", "card", "explain"]
+AFTER_TRAIN = ["calibrate", "export", "evaluate", "external", "scope", "card", "explain"]
 TRAIN = "train@42"  # the one member of the default ensemble.seeds
 STAGES = ["download", "prepare", "split", "balance", TRAIN, *AFTER_TRAIN]
 
@@ -65,7 +65,7 @@ def test_balance_param_reruns_balance_and_train_only(project):
                        "models/members/42.pt", "models/model.pt", "models/model.onnx", "metrics/calibrate.json",
                        "plots/calibrate/tau_search.csv", "metrics/train/42/metrics.json", "metrics/train/42/plots",
                        "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json",
-                       "plots/explain", "metrics/explain.json"}
+                       "plots/scope", "metrics/scope.json", "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "plots/balance/summary.json").read_text())["images"] == 63
 
     # Back to the committed value: the run cache restores every stage without running it.
@@ -113,7 +113,7 @@ def test_split_param_reruns_split_and_what_follows(project):
 @pytest.mark.parametrize("param, value, stages", [
     ("explain.per_class", 2, ["explain"]), ("explain.method", "gradcam++", ["explain"]),
     ("evaluate.mel_specificity", 0.8, ["evaluate", "external"]),
-    ("calibrate.tta", "flips", ["calibrate", "export", "evaluate", "external", "card", "explain"]),
+    ("calibrate.tta", "flips", AFTER_TRAIN),
 ])
 def test_scoring_params_rerun_only_their_stage_and_what_follows(project, param, value, stages):
     set_params(project, {param: value})
@@ -191,7 +191,7 @@ def _touch(project, module: str) -> None:
 @pytest.mark.parametrize("module, stages", [
     # plots.py draws for split, balance, evaluate, external and explain; their data outputs do not
     # change, so nothing downstream of them reruns
-    ("skinlesion/plots.py", ["split", "balance", "evaluate", "external", "explain"]),
+    ("skinlesion/plots.py", ["split", "balance", "evaluate", "external", "scope", "explain"]),
     ("skinlesion/evaluation/explain.py", ["explain"]),
     ("skinlesion/training/schedule.py", [TRAIN]),
 ])
