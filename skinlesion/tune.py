@@ -169,6 +169,7 @@ def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name:
     import optuna
 
     space = read_space(space_path)
+    params.check_all(params.read_yaml(root / "params.yaml"))  # a broken params.yaml fails now, not in every trial
     if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
         (root / storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its tracebacks of failed trials: ours are one line
