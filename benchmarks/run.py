@@ -61,7 +61,9 @@ PARAM_CHANGES = {  # one param per stage, and the stages that should rerun
     "split": ("split.seed", 7),
     "balance": ("balance.seed", 7),
     "train": ("train.lr", 0.0021),
+    "ensemble": ("ensemble.seeds", [42, 1]),  # a second member: train@1 alone, then what reads the model
     "evaluate": ("evaluate.mel_specificity", 0.8),
+    "scope": ("scope.per_kind", 10),
     "explain": ("explain.per_class", 2),
 }
 
@@ -207,7 +209,7 @@ def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
         value = size - 16 if key == "prepare.image_size" else value
         set_params(project, {key: value})
         _, _, out = run_timed(["dvc", "repro", "--dry"], project)  # lists downstream stages too
-        reruns[f"{key}={value}"] = re.findall(r"Running stage '(\w+)'", out)
+        reruns[f"{key}={value}"] = re.findall(r"Running stage '([\w@]+)'", out)
         subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
     return {"stages": env_stage, "noop_repro_seconds": noop, "reruns": reruns}
 
