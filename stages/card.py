@@ -4,6 +4,8 @@ so it cannot disagree with them (skinlesion.evaluation.card)."""
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
 from skinlesion.evaluation import card
@@ -15,8 +17,9 @@ def _read(path: str) -> dict:
 
 def main(params):
     _, info = modelfile.load(Path("models/model.pt"))
+    groups = Path("plots/evaluate/subgroups.csv")
     card.write(Path("models/MODEL_CARD.md"), info, _read("plots/split/summary.json"), _read("metrics/evaluate.json"),
-               _read("metrics/external.json"))
+               _read("metrics/external.json"), pd.read_csv(groups) if groups.exists() else None)
 
 
 if __name__ == "__main__":

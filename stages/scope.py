@@ -1,6 +1,7 @@
-"""DVC stage `scope`: how well the out-of-scope score tells non-lesion images and unusable
-lesion images from the test split's lesions, for every candidate score; none of these
-images was seen by training or by the threshold (skinlesion.evaluation.scope_sets)."""
+"""DVC stage `scope`: how well the out-of-scope score tells far images (photographs,
+generated patterns) and near ones (the test lesions made unusable) from the test split's
+lesions, for every candidate score; none of these images was seen by training or by
+the threshold (skinlesion.evaluation.scope_sets)."""
 
 import logging
 from pathlib import Path
@@ -27,9 +28,11 @@ def main(params):
                                                  train["label"].to_numpy(), predictor.patient_rows(train)),
                                      settings["batch_size"])
     test = read_manifest("data/split/test.csv")
-    images = prepared.images[prepared.rows(test["image_id"])]
-    sets = {"patterns": scope_sets.patterns(info["image_size"], settings["per_kind"], settings["seed"]),
-            "corrupted": scope_sets.corrupted(images, settings["per_kind"], settings["seed"])}
+    rows = prepared.rows(test["image_id"])
+    images = prepared.images[rows]
+    has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
+    sets = {"far": scope_sets.far(info["image_size"], settings["per_kind"], settings["seed"]),
+            "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings["per_kind"], settings["seed"])}
     result, scored = scope_sets.measure(predictor, images, predictor.patient_rows(test), sets,
                                         batch_size=settings["batch_size"])
     write_json(Path("metrics/scope.json"), result, sort_keys=False)

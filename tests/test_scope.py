@@ -62,16 +62,32 @@ def test_the_candidates_formulas_and_their_direction():
     assert scope.separation(np.arange(50.0), np.arange(50.0))["auroc"] == 0.5
 
 
-def test_the_generated_sets_are_fixed_and_hold_every_kind():
-    first, kinds = scope_sets.patterns(32, per_kind=3, seed=4)
-    again, _ = scope_sets.patterns(32, per_kind=3, seed=4)
-    assert np.array_equal(first, again) and first.shape == (21, 32, 32, 3) and set(kinds) == set(scope_sets.PATTERNS)
+def test_the_sets_are_fixed_and_hold_every_kind():
+    first, kinds = scope_sets.far(32, per_kind=3, seed=4)
+    again, _ = scope_sets.far(32, per_kind=3, seed=4)
+    assert np.array_equal(first, again) and first.shape[1:] == (32, 32, 3)
+    assert set(kinds) == {"photo", *scope_sets.GENERATED} and kinds.count("photo") >= 3 * 25
     checkerboard = first[kinds.index("checkerboard")]
     assert {tuple(c) for c in checkerboard.reshape(-1, 3)} == {(255, 220, 0), (20, 60, 200)}  # blue and yellow
     lesions = images(10, 32)
-    broken, kinds = scope_sets.corrupted(lesions, per_kind=4, seed=0)
-    assert broken.shape == (24, 32, 32, 3) and set(kinds) == set(scope_sets.CORRUPTIONS)
-    assert broken[kinds.index("dark")].max() <= 21
+    masks = np.zeros((10, 32, 32), np.uint8)
+    masks[:, 8:24, 8:24] = 255
+    broken, kinds = scope_sets.near(lesions, masks, np.arange(10) < 5, per_kind=4, seed=0)
+    assert set(kinds) == set(scope_sets.CORRUPTIONS) and len(kinds) == 4 * len(scope_sets.CORRUPTIONS)
+    assert broken[kinds.index("under_exposed")].max() <= 31
+    grey = broken[kinds.index("greyscale")]
+    assert (grey[..., 0] == grey[..., 1]).all()
+    assert set(np.unique(broken[kinds.index("mask")])) <= {0, 255}
+
+
+def far_sample() -> np.ndarray:
+    pictures, kinds = scope_sets.far(32, per_kind=1)
+    return pictures[[kinds.index(kind) for kind in ("photo", *scope_sets.GENERATED)]]
+
+
+def far_board() -> np.ndarray:
+    pictures, kinds = scope_sets.far(32, per_kind=1)
+    return pictures[kinds.index("checkerboard")]
 
 
 def scoped_model_file(tmp_path, members=1):
@@ -98,7 +114,7 @@ def test_a_model_file_carries_the_score_through_predict_and_onnx(tmp_path, membe
     model, info = modelfile.load(target)
     assert info["scope"]["method"] == "mahalanobis" and model.scope.means.shape[0] == len(CLASSES)
     loaded = inference.TorchPredictor(model, info)
-    inside, outside = images(6, 32, seed=3), scope_sets.patterns(32, per_kind=1)[0]
+    inside, outside = images(6, 32, seed=3), far_sample()
     pixels = np.concatenate([inside, outside])
     scores = loaded.scope_scores(pixels)
     np.testing.assert_allclose(scores, fitted.scope_scores(pixels), rtol=1e-5)
@@ -128,7 +144,7 @@ def test_a_model_file_carries_the_score_through_predict_and_onnx(tmp_path, membe
 def test_the_page_answers_an_image_out_of_scope_with_a_notice(tmp_path):
     target, _ = scoped_model_file(tmp_path)
     analyst = Analyst(target)
-    board = scope_sets.patterns(32, per_kind=1)[0][0]  # the blue-and-yellow checkerboard
+    board = far_board()  # the blue-and-yellow checkerboard
     from io import BytesIO
 
     buffer = BytesIO()
@@ -157,7 +173,7 @@ def test_scored_sets_report_the_share_the_model_would_answer(tmp_path):
 
     target, _ = scoped_model_file(tmp_path)
     predictor = inference.TorchPredictor(*modelfile.load(target))
-    pixels = np.concatenate([images(21, 32, seed=3), scope_sets.patterns(32, per_kind=3)[0]])
+    pixels = np.concatenate([images(21, 32, seed=3), far_sample()])
     frame = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(pixels))],
                           "lesion_id": [f"HAM_{i:07d}" for i in range(len(pixels))],
                           "label": np.arange(len(pixels)) % 7})

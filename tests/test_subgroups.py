@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from skinlesion.evaluation import metrics, subgroups
 
@@ -62,3 +63,43 @@ def test_dx_type_joined_from_the_raw_metadata_in_order(tmp_path):
         "consensus", "histo", "follow_up"]
     pd.DataFrame({"image_id": ["a"]}).to_csv(tmp_path / "bare.csv", index=False)
     assert "dx_type" not in subgroups.with_dx_type(frame, tmp_path / "bare.csv")
+
+
+def test_a_group_built_to_be_worse_is_flagged_and_melanoma_sensitivity_reported():
+    frame, labels, probabilities = scored(600, seed=2)
+    women = (frame["sex"] == "female").to_numpy()
+    spoiled = probabilities.copy()
+    rng = np.random.default_rng(5)
+    spoiled[women] = rng.dirichlet(np.ones(7), women.sum())  # the model knows nothing about this group
+    table = subgroups.table(frame, labels, spoiled, frame["lesion_id"].to_numpy(), resamples=100, seed=1,
+                            mel_threshold=0.3)
+    sexes = table[table.group == "sex"].set_index("value")
+    assert bool(sexes.loc["female", "below_overall"]) and not bool(sexes.loc["male", "below_overall"])
+    mel = 4
+    men = (frame["sex"] == "male").to_numpy() & (labels == mel)
+    assert sexes.loc["male", "melanomas"] == men.sum()
+    assert sexes.loc["male", "melanoma_sensitivity"] == pytest.approx((spoiled[men, mel] >= 0.3).mean(), abs=1e-4)
+    assert sexes.loc["male", "melanoma_sensitivity_low"] <= sexes.loc["male", "melanoma_sensitivity"]
+
+
+def test_the_card_shows_the_groups_flags_the_worse_one_and_says_when_calibration_does_not_help():
+    from skinlesion.evaluation import card
+
+    frame, labels, probabilities = scored(600, seed=2)
+    women = (frame["sex"] == "female").to_numpy()
+    spoiled = probabilities.copy()
+    spoiled[women] = np.random.default_rng(5).dirichlet(np.ones(7), women.sum())
+    groups = subgroups.table(frame, labels, spoiled, frame["lesion_id"].to_numpy(), resamples=50, seed=1)
+    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec"], "image_size": 64,
+            "mean": [0.5] * 3, "std": [0.2] * 3, "scope": {"method": "mahalanobis", "threshold": 812.5,
+                                                          "retention": 0.95}}
+    test = {"balanced_accuracy": 0.6, "accuracy": 0.7, "macro_f1": 0.5, "macro_roc_auc": 0.9, "images": 600,
+            "lesions": 300, "recall": {c: 0.5 for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")},
+            "expected_calibration_error": 0.04,
+            "calibration": {"ece_before": 0.03, "ece_after": 0.04, "difference": 0.01,
+                            "ci95": {"low": 0.002, "high": 0.02}, "verdict": "hurts"}}
+    text = card.render(info, {}, test, None, groups)
+    assert "| sex: female **below the overall figure** |" in text and "| sex: male |" in text
+    assert "Skin type (Fitzpatrick) is not recorded in HAM10000" in text
+    assert "it does **not** help on the test split" in text
+    assert "above 812.5" in text and "no melanoma flag" in text

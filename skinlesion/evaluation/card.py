@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skinlesion import CLASSES
+from skinlesion.evaluation.subgroups import MIN_IMAGES
 from skinlesion.files import atomic_path
 
 
@@ -29,7 +30,7 @@ def _architecture(info: dict) -> list[str]:
     return lines
 
 
-def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> str:
+def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None, groups=None) -> str:
     scoring = info.get("scoring") or {}
     training = info.get("training") or {}
     lines = [
@@ -53,7 +54,53 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
     ]
     if "mel_threshold" in scoring:
         lines.append(f"- Melanoma flag: probability of mel >= {scoring['mel_threshold']:.4f}")
-    return "\n".join(lines + _data(split) + _results(test) + _external(external) + LIMITATIONS)
+    return "\n".join(lines + _scope(info) + _data(split) + _results(test) + _calibration(test) + _groups(groups)
+                     + _external(external) + LIMITATIONS)
+
+
+def _scope(info: dict) -> list[str]:
+    scope = info.get("scope")
+    if not scope:
+        return ["- Out-of-scope score: none; every image gets an answer, however unlike the training data"]
+    return [f"- Out-of-scope score: `{scope['method']}`; an image scoring above {scope['threshold']:.4g} (the "
+            f"threshold that keeps {scope['retention']:.0%} of the validation images) gets no diagnosis and no "
+            f"melanoma flag: \"this does not look like the dermatoscopic images the model was trained on\""]
+
+
+def _calibration(test: dict) -> list[str]:
+    change = test.get("calibration")
+    if not change:
+        return []
+    ci = change["ci95"]
+    said = {"helps": "it helps on the test split", "hurts": "it does **not** help on the test split: ECE rose",
+            "no measurable change": "no measurable change on the test split"}[change["verdict"]]
+    return ["", f"Temperature scaling (chosen on validation): top-label ECE {change['ece_before']:.3f} before, "
+                f"{change['ece_after']:.3f} after, difference {change['difference']:+.3f} [{ci['low']:+.3f}, "
+                f"{ci['high']:+.3f}] (paired lesion bootstrap): {said}."]
+
+
+def _cell(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None or value != value:  # blank or NaN: not scored
+        return "—"
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low == low and high == high else f"{value:.3f}"
+
+
+def _groups(groups) -> list[str]:
+    if groups is None or not len(groups):
+        return []
+    lines = ["", "## By patient group (test split; 95 % lesion-bootstrap intervals)", "",
+             "| group | images | balanced accuracy | macro ROC AUC | melanoma sensitivity |", "|---|---|---|---|---|"]
+    for row in groups.to_dict("records"):
+        flag = " **below the overall figure**" if row.get("below_overall") is True else ""
+        lines.append(f"| {row['group']}: {row['value']}{flag} | {row['images']} | {_cell(row, 'balanced_accuracy')} | "
+                     f"{_cell(row, 'macro_roc_auc')} | {_cell(row, 'melanoma_sensitivity')} |")
+    lines += ["", f"Groups of fewer than {MIN_IMAGES} images are counted, not scored. A group is flagged when its "
+                  f"whole balanced-accuracy interval lies below the figure of all test images. Skin type "
+                  f"(Fitzpatrick) is not recorded in HAM10000, so performance by skin type could not be assessed; "
+                  f"nor could ethnicity or the camera."]
+    return lines
 
 
 def _data(split: dict) -> list[str]:
@@ -121,6 +168,8 @@ LIMITATIONS = [
     "class shares needs its own calibration.", ""]
 
 
-def write(path: Path, info: dict, split: dict, test: dict, external: dict[str, dict] | None = None) -> None:
+def write(path: Path, info: dict, split: dict, test: dict, external: dict[str, dict] | None = None,
+          groups=None) -> None:
+    """``groups``: the test split's figures by patient group (``subgroups.table``), or None."""
     with atomic_path(path) as tmp:
-        tmp.write_text(render(info, split, test, external), encoding="utf-8")
+        tmp.write_text(render(info, split, test, external, groups), encoding="utf-8")

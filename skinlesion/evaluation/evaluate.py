@@ -40,7 +40,8 @@ def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray
     write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it
     if plots_dir is not None:
         groups = subgroups.table(frame, labels, probabilities, frame["lesion_id"].to_numpy(),
-                                 resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
+                                 resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"],
+                                 mel_threshold=how.get("mel_threshold"))
         write_plots(plots_dir, frame, probabilities, images, settings["grid_per_class"], settings["seed"],
                     details=details, uncalibrated=uncalibrated, groups=groups,
                     overall=result["balanced_accuracy"])

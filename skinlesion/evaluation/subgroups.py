@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from skinlesion import CLASSES
 from skinlesion.evaluation import metrics
 
 MIN_IMAGES = 30
+MIN_MELANOMAS = 5
 AGE_BANDS = ((0, 30, "under 30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70 and over"))
 COLUMNS = ("sex", "age", "localization", "dx_type")
-FIGURES = ("balanced_accuracy", "accuracy", "macro_roc_auc")
+FIGURES = ("balanced_accuracy", "accuracy", "macro_roc_auc", "melanoma_sensitivity")
 
 
 def with_dx_type(frame: pd.DataFrame, metadata_csv) -> pd.DataFrame:
@@ -49,11 +51,17 @@ def groups(frame: pd.DataFrame):
 
 
 def table(frame: pd.DataFrame, labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *,
-          resamples: int, seed: int) -> pd.DataFrame:
+          resamples: int, seed: int, mel_threshold: float | None = None) -> pd.DataFrame:
     """One row per group: its size and, where it has ``MIN_IMAGES`` images, the figures
-    with their intervals (blank where a figure is undefined for the group)."""
+    with their intervals (blank where a figure is undefined for the group): balanced
+    accuracy, accuracy, macro AUC and, with the validation ``mel_threshold``, melanoma
+    sensitivity where the group has ``MIN_MELANOMAS`` melanomas. ``below_overall``
+    flags a group whose balanced accuracy interval lies wholly below the figure of all
+    the images together."""
     labels, lesions = np.asarray(labels), np.asarray(lesions)
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    overall = metrics.headline(labels, probabilities)["balanced_accuracy"]
+    mel = CLASSES.index("mel")
     rows = []
     for column, value, mask in groups(frame):
         row = {"group": column, "value": value, "images": int(mask.sum()),
@@ -61,14 +69,22 @@ def table(frame: pd.DataFrame, labels: np.ndarray, probabilities: np.ndarray, le
         if row["images"] >= MIN_IMAGES:
             figures = metrics.headline(labels[mask], probabilities[mask])
             figures["macro_roc_auc"] = figures.pop("macro_auc")
+            melanomas = int((labels[mask] == mel).sum())
+            threshold = mel_threshold if melanomas >= MIN_MELANOMAS else None
             intervals = metrics.bootstrap_intervals(labels[mask], probabilities[mask], lesions[mask],
-                                                    resamples=resamples, seed=seed)
+                                                    resamples=resamples, seed=seed, mel_threshold=threshold)
+            if threshold is not None:
+                figures["melanoma_sensitivity"] = float((probabilities[mask][labels[mask] == mel, mel]
+                                                         >= threshold).mean())
+            row["melanomas"] = melanomas
             for name in FIGURES:
                 value_ = figures.get(name)
                 row[name] = None if value_ is None or not np.isfinite(value_) else round(float(value_), 4)
                 row[f"{name}_low"] = intervals.get(name, {}).get("low")
                 row[f"{name}_high"] = intervals.get(name, {}).get("high")
+            high = row["balanced_accuracy_high"]
+            row["below_overall"] = bool(high is not None and np.isfinite(high) and high < overall)
         rows.append(row)
-    columns = ["group", "value", "images", "lesions", "classes",
-               *[f"{name}{suffix}" for name in FIGURES for suffix in ("", "_low", "_high")]]
+    columns = ["group", "value", "images", "lesions", "classes", "melanomas",
+               *[f"{name}{suffix}" for name in FIGURES for suffix in ("", "_low", "_high")], "below_overall"]
     return pd.DataFrame(rows).reindex(columns=columns)
