@@ -88,3 +88,31 @@ def test_logit_adjusted_loss_is_cross_entropy_of_the_shifted_logits():
     plain = losses.build("cross_entropy", weighted=False, label_smoothing=0.0, gamma=2.0, labels=target.numpy(),
                          num_classes=7, prior=prior)
     torch.testing.assert_close(plain(logits, target), torch.nn.functional.cross_entropy(logits, target))
+
+
+def test_logits_scaled_by_three_still_give_three_with_the_adjustment_in_place():
+    """A model trained on balanced draws gives prior-free logits; scaled by 3 and adjusted
+    back to the population's prior at that scale (tau = -3), the temperature is 3 again."""
+    z, labels = sample(4000, seed=2)
+    prior = np.log(PRIOR).tolist()
+    t = calibrate.fit_temperature((3 * z)[None], labels, {"tau": -3.0, "log_prior": prior})
+    assert t == pytest.approx(3.0, rel=0.08)
+
+
+def test_classwise_ece_sees_the_probabilities_top_label_ece_ignores():
+    from skinlesion.evaluation.metrics import classwise_ece, expected_calibration_error
+
+    z, labels = sample(3000, seed=3)
+    calibrated = np.exp(z + np.log(PRIOR))
+    calibrated /= calibrated.sum(1, keepdims=True)
+    # the same top label and top probability, the rest of the mass moved onto one other class
+    # (where the top probability is above one half, so the top label stays the top)
+    moved = calibrated.copy()
+    top = moved.argmax(1)
+    rows = np.flatnonzero(moved[np.arange(len(moved)), top] > 0.5)
+    rest = 1 - moved[rows, top[rows]]
+    moved[rows] = 0
+    moved[rows, top[rows]] = 1 - rest
+    moved[rows, (top[rows] + 1) % 7] = rest
+    assert expected_calibration_error(labels, moved) == pytest.approx(expected_calibration_error(labels, calibrated))
+    assert classwise_ece(labels, moved) > 2 * classwise_ece(labels, calibrated)

@@ -74,9 +74,14 @@ def _calibration(test: dict) -> list[str]:
     ci = change["ci95"]
     said = {"helps": "it helps on the test split", "hurts": "it does **not** help on the test split: ECE rose",
             "no measurable change": "no measurable change on the test split"}[change["verdict"]]
-    return ["", f"Temperature scaling (chosen on validation): top-label ECE {change['ece_before']:.3f} before, "
-                f"{change['ece_after']:.3f} after, difference {change['difference']:+.3f} [{ci['low']:+.3f}, "
-                f"{ci['high']:+.3f}] (paired lesion bootstrap): {said}."]
+    lines = ["", f"Temperature scaling (chosen on validation): top-label ECE {change['ece_before']:.3f} before, "
+                 f"{change['ece_after']:.3f} after, difference {change['difference']:+.3f} [{ci['low']:+.3f}, "
+                 f"{ci['high']:+.3f}] (paired lesion bootstrap): {said}."]
+    if "classwise_ece_before" in change:
+        wise = change["classwise_difference_ci95"]
+        lines[-1] += (f" Class-wise ECE {change['classwise_ece_before']:.3f} before, {change['classwise_ece_after']:.3f}"
+                      f" after (difference interval [{wise['low']:+.3f}, {wise['high']:+.3f}]).")
+    return lines
 
 
 def _cell(row: dict, name: str) -> str:

@@ -62,6 +62,24 @@ def weighted_ece(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarr
     return float(np.abs(gap).sum() / max(total.sum(), 1e-12))
 
 
+def classwise_ece(labels: np.ndarray, probabilities: np.ndarray, weight: np.ndarray | None = None,
+                  bins: int = 15) -> float:
+    """Class-wise ECE (Kull et al. 2019): per class, |frequency - mean probability| over
+    equal-width bins of that class's probability, weighted by the images in each bin;
+    averaged over the classes. It sees every probability, not only the top one."""
+    labels = np.asarray(labels)
+    weight = np.ones(len(labels)) if weight is None else np.asarray(weight, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)[1:-1]
+    errors = []
+    for c in range(probabilities.shape[1]):
+        p = probabilities[:, c]
+        which = np.clip(np.digitize(p, edges, right=True), 0, bins - 1)
+        total = np.bincount(which, weights=weight, minlength=bins)
+        gap = np.bincount(which, weights=weight * ((labels == c) - p), minlength=bins)
+        errors.append(np.abs(gap).sum() / max(total.sum(), 1e-12))
+    return float(np.mean(errors))
+
+
 def calibration_change(labels: np.ndarray, calibrated: np.ndarray, uncalibrated: np.ndarray, lesions: np.ndarray, *,
                        resamples: int, seed: int) -> dict:
     """Whether temperature scaling helps here: ECE before and after, their difference
@@ -69,12 +87,23 @@ def calibration_change(labels: np.ndarray, calibrated: np.ndarray, uncalibrated:
     the same draws for both (a paired difference: the same images, scored two ways)."""
     labels = np.asarray(labels)
     before, after = expected_calibration_error(labels, uncalibrated), expected_calibration_error(labels, calibrated)
-    differences = [weighted_ece(labels, calibrated, weight) - weighted_ece(labels, uncalibrated, weight)
-                   for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed))]
-    low, high = np.percentile(differences, [2.5, 97.5])
+    classwise = classwise_ece(labels, uncalibrated), classwise_ece(labels, calibrated)
+    draws = [(weighted_ece(labels, uncalibrated, weight), weighted_ece(labels, calibrated, weight),
+              classwise_ece(labels, uncalibrated, weight), classwise_ece(labels, calibrated, weight))
+             for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed))]
+    draws = np.array(draws)
+
+    def interval(values):
+        low, high = np.percentile(values, [2.5, 97.5])
+        return {"low": round(float(low), 4), "high": round(float(high), 4)}
+
+    low, high = np.percentile(draws[:, 1] - draws[:, 0], [2.5, 97.5])
     verdict = "helps" if high < 0 else "hurts" if low > 0 else "no measurable change"
     return {"ece_before": round(before, 4), "ece_after": round(after, 4), "difference": round(after - before, 4),
-            "ci95": {"low": round(float(low), 4), "high": round(float(high), 4)}, "verdict": verdict}
+            "ci95": {"low": round(float(low), 4), "high": round(float(high), 4)}, "verdict": verdict,
+            "ece_before_ci95": interval(draws[:, 0]), "ece_after_ci95": interval(draws[:, 1]),
+            "classwise_ece_before": round(classwise[0], 4), "classwise_ece_after": round(classwise[1], 4),
+            "classwise_difference_ci95": interval(draws[:, 3] - draws[:, 2])}
 
 
 def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
