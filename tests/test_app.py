@@ -249,3 +249,25 @@ def test_a_person_gives_the_patients_age_sex_and_site_in_chromium(learned, tmp_p
             "error: scan.png: age '200' is not a number of years from 0 to 120; leave it blank if unknown",
             timeout=60_000)
         page.screenshot(path=str(tmp_path / "app_metadata.png"), full_page=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+def test_a_generated_pattern_gets_the_out_of_scope_notice_in_chromium(tmp_path):
+    from playwright.sync_api import expect
+
+    from tests.test_scope import far_board, scoped_model_file
+
+    target, _ = scoped_model_file(tmp_path)
+    board = tmp_path / "board.png"
+    Image.fromarray(far_board()).save(board)  # the blue-and-yellow checkerboard
+    with serving(target) as url, chromium_page(url) as page:
+        page.set_input_files("#files", str(board))
+        card = page.locator(".result").first
+        expect(card.locator(".scope")).to_contain_text(
+            "does not look like the dermatoscopic images the model was trained on", timeout=60_000)
+        expect(card.locator(".bar").first).to_be_hidden()  # no bars: the probabilities only on request
+        expect(card.locator(".melanoma")).to_have_count(0)
+        card.locator("details.probabilities summary").click()
+        expect(card.locator(".bar")).to_have_count(len(CLASSES))
+        expect(card.locator(".bar").first).to_be_visible()
