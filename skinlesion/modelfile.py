@@ -58,7 +58,7 @@ def with_scoring(source: str | Path, target: str | Path, scoring: dict, scope: d
     """Copy the model file ``source`` to ``target`` with its ``scoring`` (how it is
     meant to be applied: TTA, logit adjustment, temperature, thresholds) set, and its
     out-of-scope ``scope`` (method, threshold) with the tensors that method needs
-    (``scope_state``: ``scope.means`` and ``scope.precision`` for mahalanobis)."""
+    (``scope_state``: ``scope.means`` and ``scope.whitening`` for mahalanobis)."""
     payload = _read(Path(source))
     payload["scoring"] = dict(scoring)
     _set_scope(payload, scope, scope_state)
@@ -180,10 +180,10 @@ def _build(payload: dict, path) -> torch.nn.Module:
         model = network(payload)
     if (payload.get("scope") or {}).get("method") == "mahalanobis":
         state = payload["state_dict"]
-        if "scope.means" not in state or "scope.precision" not in state:
-            raise PipelineError(f"{path}: its out-of-scope score has no class means or precision (the file is damaged or was "
+        if "scope.means" not in state or "scope.whitening" not in state:
+            raise PipelineError(f"{path}: its out-of-scope score has no class means or whitening (the file is damaged or was "
                                 f"edited); {HINT}")
-        model.scope = models.Scope(torch.empty(state["scope.means"].shape), torch.empty(state["scope.precision"].shape))
+        model.scope = models.Scope(torch.empty(state["scope.means"].shape), torch.empty(state["scope.whitening"].shape))
     return model
 
 

@@ -28,7 +28,8 @@ def test_the_models_distance_is_the_mahalanobis_distance_to_the_nearest_class_me
     root = rng.normal(size=(5, 5))
     precision = root @ root.T + np.eye(5)
     expected = np.min([[(f - m) @ precision @ (f - m) for m in means] for f in features], axis=1)
-    got = models.Scope(torch.tensor(means), torch.tensor(precision))(torch.tensor(features, dtype=torch.float32))
+    whitening = np.linalg.cholesky(precision)  # W W^T = the precision
+    got = models.Scope(torch.tensor(means), torch.tensor(whitening))(torch.tensor(features, dtype=torch.float32))
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
 
 
@@ -37,9 +38,9 @@ def test_fitted_on_clusters_far_points_score_higher_and_the_threshold_keeps_its_
     centres = rng.normal(scale=5, size=(7, 8))
     labels = rng.integers(0, 7, 2000)
     features = centres[labels] + rng.normal(size=(2000, 8))
-    means, precision = scope.fit_mahalanobis(features, labels, 7)
+    means, whitening = scope.fit_mahalanobis(features, labels, 7)
     np.testing.assert_allclose(means, centres, atol=0.3)
-    model = models.Scope(torch.from_numpy(means), torch.from_numpy(precision))
+    model = models.Scope(torch.from_numpy(means), torch.from_numpy(whitening))
     near = model(torch.tensor(centres[labels[:500]] + rng.normal(size=(500, 8)), dtype=torch.float32)).numpy()
     far = model(torch.tensor(rng.normal(scale=30, size=(500, 8)), dtype=torch.float32)).numpy()
     limit = scope.threshold(near, 0.95)

@@ -133,6 +133,6 @@ def attach_mahalanobis(predictor: TorchPredictor, train: tuple, batch_size: int 
     images, labels, patient = train
     _, features, _ = plain_outputs(predictor.model, predictor.info, images, batch_size=batch_size,
                                    device=predictor.device, patient=patient, progress="scope: train features")
-    means, precision = scope.fit_mahalanobis(features, labels, len(predictor.classes))
-    predictor.model.scope = Scope(torch.from_numpy(means), torch.from_numpy(precision)).to(predictor.device)
-    return {"scope.means": predictor.model.scope.means, "scope.precision": predictor.model.scope.precision}
+    means, whitening = scope.fit_mahalanobis(features, labels, len(predictor.classes))
+    predictor.model.scope = Scope(torch.from_numpy(means), torch.from_numpy(whitening)).to(predictor.device)
+    return {"scope.means": predictor.model.scope.means, "scope.whitening": predictor.model.scope.whitening}

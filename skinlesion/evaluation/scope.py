@@ -44,8 +44,8 @@ def scores(method: str, *, logits: np.ndarray | None = None, probabilities: np.n
 
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class means (C x D) and the precision (D x D) of the covariance they share, from
-    the train split's pooled features."""
+    """Class means (C x D) and the whitening W (D x D, W W^T the precision of the
+    covariance they share, Ledoit-Wolf shrunk), from the train split's pooled features."""
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
     missing = [c for c in range(num_classes) if not (labels == c).any()]
@@ -53,8 +53,11 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
         raise PipelineError(f"class {missing[0]} has no train image; the out-of-scope score cannot be fitted")
     means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
     centred = features - means[labels]
-    estimate = LedoitWolf(assume_centered=True).fit(centred)
-    return means.astype(np.float32), estimate.precision_.astype(np.float32)
+    covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    # W with W W^T = the precision: the inverse of the covariance's Cholesky factor, transposed
+    factor = np.linalg.cholesky(covariance + 1e-9 * np.trace(covariance) / len(covariance) * np.eye(len(covariance)))
+    whitening = np.linalg.inv(factor).T
+    return means.astype(np.float32), whitening.astype(np.float32)
 
 
 def threshold(validation_scores: np.ndarray, retention: float) -> float:

@@ -109,16 +109,18 @@ class Scope(nn.Module):
     """The out-of-scope score of Lee et al. (NeurIPS 2018): the squared Mahalanobis
     distance of an image's pooled features to the nearest class mean, under one
     covariance shared by the classes (both fitted on the train split). Large means far
-    from anything the model was trained on."""
+    from anything the model was trained on. ``whitening`` is W with W W^T the
+    precision, so the distance is the sum of squares of ``(features - mean) @ W``: no
+    cancellation, the same in float32 on every backend."""
 
-    def __init__(self, means: torch.Tensor, precision: torch.Tensor):
+    def __init__(self, means: torch.Tensor, whitening: torch.Tensor):
         super().__init__()
         self.register_buffer("means", means.float())
-        self.register_buffer("precision", precision.float())
+        self.register_buffer("whitening", whitening.float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         centred = features.float()[:, None, :] - self.means[None]  # N x C x D
-        return torch.einsum("ncd,de,nce->nc", centred, self.precision, centred).amin(dim=1)
+        return (centred @ self.whitening).square().sum(dim=-1).amin(dim=1)
 
 
 # --- pretrained torchvision backbones --------------------------------------------
