@@ -497,15 +497,22 @@ def _interpolate(key: str, values: dict) -> str:
     return re.sub(r"\$\{([\w.]+)\}", value, key)
 
 
-def read_yaml(path: Path) -> dict:
+def read_mapping(path: Path, missing: str, holding: str) -> dict:
+    """The YAML mapping in ``path`` (aliases refused), or a one-line error: ``missing``
+    when there is no file, ``holding`` naming what the mapping should hold otherwise."""
     try:
         values = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise PipelineError(f"{path} not found; run stages from the project root") from None
+        raise PipelineError(missing) from None
     except yaml.YAMLError as error:
         raise PipelineError(f"{path} is not valid YAML: {yaml_problem(error)}; fix it") from None
     if not isinstance(values, dict):
-        raise PipelineError(f"{path} must be a mapping of param groups")
+        raise PipelineError(f"{path} must be a mapping {holding}")
+    return values
+
+
+def read_yaml(path: Path) -> dict:
+    values = read_mapping(path, f"{path} not found; run stages from the project root", "of param groups")
     unknown = [key for key in values if key not in Params.model_fields]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), list(Params.model_fields), n=1)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from skinlesion import PipelineError, cli, params
 
@@ -49,14 +48,8 @@ class TrialFailed(Exception):
 def read_space(path: Path) -> dict:
     """The search space: ``objective`` and, per dotted param, ``{low, high[, log][, int]}``
     or ``{choices: [...]}``; each param must be one this pipeline knows."""
-    try:
-        values = params.parse_yaml(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no such search-space file; give one with --space (see tune.yaml)") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{path} is not valid YAML: {params.yaml_problem(error)}; fix it") from None
-    if not isinstance(values, dict):
-        raise PipelineError(f"{path} must be a mapping with objective and params")
+    values = params.read_mapping(path, f"{path}: no such search-space file; give one with --space (see tune.yaml)",
+                                 "with objective and params")
     objective = values.get("objective")
     space = values.get("params")
     if not isinstance(objective, str) or not objective.startswith("val_"):
