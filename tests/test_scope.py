@@ -51,6 +51,29 @@ def test_fitted_on_clusters_far_points_score_higher_and_the_threshold_keeps_its_
         scope.fit_mahalanobis(features[labels < 6], labels[labels < 6], 7)
 
 
+
+def test_features_that_hardly_vary_give_a_distance_that_rounding_does_not_move():
+    # An untrained network's pooled features: the same vector to within 1e-9 of its size.
+    # Without a floor under the variances, float32 rounding (1e-7 of the features, as
+    # between PyTorch and ONNX Runtime) moved the distance by thousands.
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.0, 0.1, size=256)
+    labels = np.arange(140) % 7
+    features = base + 1e-10 * rng.normal(size=(140, 256))
+    means, whitening = scope.fit_mahalanobis(features, labels, 7)
+    model = models.Scope(torch.from_numpy(means), torch.from_numpy(whitening))
+    probe = torch.tensor(features[:20], dtype=torch.float32)
+    rounded = probe * (1 + 1e-7 * torch.from_numpy(rng.choice([-1.0, 1.0], size=(20, 256))).float())
+    exact, moved = model(probe).numpy(), model(rounded).numpy()
+    assert np.abs(moved - exact).max() < 1e-3
+    # Features that do vary are left to the shrunk covariance: far points still stand out.
+    spread = rng.normal(size=(7, 256))[labels] + rng.normal(size=(140, 256))
+    means, whitening = scope.fit_mahalanobis(spread, labels, 7)
+    model = models.Scope(torch.from_numpy(means), torch.from_numpy(whitening))
+    near = model(torch.tensor(spread[:50], dtype=torch.float32)).numpy()
+    far = model(torch.tensor(10 * rng.normal(size=(50, 256)), dtype=torch.float32)).numpy()
+    assert far.min() > near.max()
+
 def test_the_candidates_formulas_and_their_direction():
     probabilities = np.array([[0.9, 0.1], [0.5, 0.5]])
     np.testing.assert_allclose(scope.scores("msp", probabilities=probabilities), [0.1, 0.5])

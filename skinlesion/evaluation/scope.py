@@ -43,6 +43,9 @@ def scores(method: str, *, logits: np.ndarray | None = None, probabilities: np.n
     raise PipelineError(f"calibrate.scope is '{method}'; expected none or one of {', '.join(METHODS)}")
 
 
+RESOLUTION = 1e-2  # the smallest feature spread the Mahalanobis distance resolves, relative to their size
+
+
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Class means (C x D) and the whitening W (D x D, W W^T the precision of the
     covariance they share, Ledoit-Wolf shrunk), from the train split's pooled features."""
@@ -54,8 +57,13 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
     means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
     centred = features - means[labels]
     covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    # A floor under the variances: differences below a hundredth of the features' typical
+    # size are taken as float32 noise, which differs between backends (PyTorch, ONNX
+    # Runtime). Shrinkage alone leaves a model whose features hardly vary (an untrained
+    # network: spread 1e-9 of their size) with a distance made of rounding error.
+    floor = RESOLUTION ** 2 * float(np.mean(features ** 2))
     # W with W W^T = the precision: the inverse of the covariance's Cholesky factor, transposed
-    factor = np.linalg.cholesky(covariance + 1e-9 * np.trace(covariance) / len(covariance) * np.eye(len(covariance)))
+    factor = np.linalg.cholesky(covariance + max(floor, np.finfo(np.float64).tiny) * np.eye(len(covariance)))
     whitening = np.linalg.inv(factor).T
     return means.astype(np.float32), whitening.astype(np.float32)
 
