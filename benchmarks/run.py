@@ -191,7 +191,10 @@ def run_timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
     return float(wall), int(peak), result.stdout
 
 
-def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
+SCORING_STAGES = ("calibrate", "export", "evaluate", "external", "scope", "card", "explain")
+
+
+def bench_pipeline(source: Path, workdir: Path, overrides: dict, scoring_precisions=()) -> dict:
     project = workdir / "project"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
     set_params(project, {"download.source": "local", "download.path": str(source.resolve()), **overrides})
@@ -211,7 +214,13 @@ def bench_pipeline(source: Path, workdir: Path, overrides: dict) -> dict:
         _, _, out = run_timed(["dvc", "repro", "--dry"], project)  # lists downstream stages too
         reruns[f"{key}={value}"] = re.findall(r"Running stage '([\w@]+)'", out)
         subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
-    return {"stages": env_stage, "noop_repro_seconds": noop, "reruns": reruns}
+    scoring = {}
+    for precision in scoring_precisions:  # the scoring stages again, scoring in another precision
+        set_params(project, {"calibrate.precision": precision})
+        scoring[precision] = {stage: run_timed(["dvc", "repro", "--single-item", stage], project)[0]
+                              for stage in SCORING_STAGES if stage in stages}
+        subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+    return {"stages": env_stage, "noop_repro_seconds": noop, "reruns": reruns, "scoring_precision": scoring}
 
 
 def markdown(result: dict) -> str:
@@ -237,6 +246,13 @@ def markdown(result: dict) -> str:
         lines += ["", "| stage | wall s | peak RSS MiB |", "|---|---|---|"]
         lines += [f"| {name} | {v['seconds']} | {v['peak_rss_mib']} |" for name, v in pipeline["stages"].items()]
         lines.append(f"\nNo-op `dvc repro`: {pipeline['noop_repro_seconds']} s")
+        if pipeline.get("scoring_precision"):
+            others = list(pipeline["scoring_precision"])
+            lines += ["", "| scoring stage | `calibrate.precision` as run | " + " | ".join(others) + " |",
+                      "|" + "---|" * (2 + len(others))]
+            for stage in pipeline["scoring_precision"][others[0]]:
+                lines.append(f"| {stage} | {pipeline['stages'][stage]['seconds']} | "
+                             + " | ".join(str(pipeline["scoring_precision"][o][stage]) for o in others) + " |")
         lines += ["", "| param changed | stage whose own inputs changed (`dvc repro --dry`) |", "|---|---|"]
         lines += [f"| `{key}` | {', '.join(value)} |" for key, value in pipeline["reruns"].items()]
     return "\n".join(lines)
@@ -258,6 +274,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="training epochs in the pipeline run")
     parser.add_argument("--pipeline-model", default="simple_cnn", help="the model trained in the pipeline run")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--scoring-precision", nargs="*", default=["fp32"],
+                        help="after the pipeline run, time its scoring stages again with calibrate.precision at each")
     parser.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime against PyTorch comparison")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -279,7 +297,8 @@ def main() -> None:
                 source = scratch / "synthetic"
                 synthetic.make_dataset(source, layout="zips")
             result["pipeline"] = bench_pipeline(
-                source, scratch, {"prepare.image_size": args.size, "train.epochs": args.epochs, "model": args.pipeline_model})
+                source, scratch, {"prepare.image_size": args.size, "train.epochs": args.epochs, "model": args.pipeline_model},
+                args.scoring_precision)
             result["decode_jpeg_images_per_s"] = bench_decode(scratch / "project/data/raw", args.size)
     text = json.dumps(result, indent=2)
     print(text)

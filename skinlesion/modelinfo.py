@@ -33,6 +33,9 @@ class Scoring(_Strict):
     log_prior: list[FiniteFloat] | None = None
     temperature: Annotated[FiniteFloat, Field(gt=0, le=1000)] = 1.0
     mel_threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
+    # how the PyTorch path scores it (skinlesion.evaluation.inference.scoring_dtype); ONNX: float32
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    recheck: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.05
 
 
 class Scope(_Strict):

@@ -239,6 +239,8 @@ class Calibrate(Group):
     mel_sensitivity: Fraction
     scope: Literal["none", "msp", "energy", "mahalanobis"] = "mahalanobis"
     scope_retention: Fraction = 0.95
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    recheck: Fraction = 0.05
     batch_size: Count
 
 

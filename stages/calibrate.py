@@ -1,6 +1,6 @@
 """DVC stage `calibrate`: combine the members of ``ensemble.seeds`` into one model and
 choose on validation how it is scored (TTA, logit adjustment, temperature, melanoma
-threshold) and past what out-of-scope score it declines to answer (the score's class
+threshold; the precision is a param) and past what out-of-scope score it declines to answer (the score's class
 means and covariance fitted on the train split); write it as ``models/model.pt``
 (skinlesion.evaluation.calibrate, skinlesion.evaluation.scope)."""
 
@@ -26,17 +26,17 @@ def main(params):
     train = read_manifest("data/split/train.csv")
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
-    predictor = inference.TorchPredictor(model, info, device)
+    # Every choice made on validation is made on float32 scores; the precision applies after.
+    predictor = inference.TorchPredictor(model, {**info, "scoring": {"precision": "fp32"}}, device)
     logits = predictor.view_logits(images, tta=settings["tta"], batch_size=settings["batch_size"],
                                    progress="calibrate", patient=predictor.patient_rows(val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
-    predictor.info = {**info, "scoring": scoring}
-    predictor.scoring = {**predictor.scoring, **scoring}
+    scoring = {**scoring, "precision": settings["precision"], "recheck": settings["recheck"]}
     train_images = prepared.images[prepared.rows(train["image_id"])]
     scope, scope_state = inference.fit_scope(
-        predictor, settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
+        inference.TorchPredictor(model, {**info, "scoring": scoring}, device), settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
         train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),
         val=(images, predictor.patient_rows(val)),
         val_probabilities=calibrate.probabilities(logits, scoring))

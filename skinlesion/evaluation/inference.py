@@ -9,7 +9,7 @@ import torch
 
 from skinlesion.evaluation.predictor import Predictor, check_views, view_count
 from skinlesion.progress import bar
-from skinlesion.training import models
+from skinlesion.training import devices, models
 
 
 def _views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -37,12 +37,30 @@ def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
     return models.normalise(batch, info["mean"], info["std"])
 
 
+def scoring_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a model file's ``scoring.precision`` on ``device``: bf16
+    where it is native (a CPU with AVX-512 BF16 or AMX, a GPU with bfloat16) for ``auto``
+    and ``bf16``; None (float32) for ``fp32`` and where bf16 would be emulated."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and devices.cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device, amp: torch.dtype | None):
+    return torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 @torch.no_grad()
 def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
                 device: str | torch.device = "cpu", progress: str | None = None,
-                patient: np.ndarray | None = None) -> np.ndarray:
+                patient: np.ndarray | None = None, amp: torch.dtype | None = None) -> np.ndarray:
     """V x N x classes raw logits, one slice per test-time view of ``tta``; ``patient``:
-    the images' encoded metadata, for a model that takes it (the same row for every view)."""
+    the images' encoded metadata, for a model that takes it (the same row for every view);
+    ``amp``: the autocast dtype of the forward pass (None: float32)."""
     check_views(tta, images, info)
     model.eval()
     out = []
@@ -50,7 +68,8 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
         extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
-        out.append(torch.stack([model(view, *extra).float() for view in _views(batch, tta)]).cpu())
+        with _autocast(device, amp):
+            out.append(torch.stack([model(view, *extra).float() for view in _views(batch, tta)]).cpu())
     if not out:
         return np.zeros((view_count(tta), 0, len(info["classes"])), dtype=np.float32)
     return torch.cat(out, dim=1).numpy()
@@ -59,9 +78,11 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
 @torch.no_grad()
 def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 128,
                   device: str | torch.device = "cpu", patient: np.ndarray | None = None,
-                  progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  progress: str | None = None, amp: torch.dtype | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The plain view's raw logits (N x classes), pooled image features (N x D) and, for
-    a model carrying the Mahalanobis out-of-scope score (``model.scope``), its distances."""
+    a model carrying the Mahalanobis out-of-scope score (``model.scope``), its distances
+    (always in float32: ``amp`` applies to the network only)."""
     check_views("none", images, info)
     model.eval()
     scope = getattr(model, "scope", None)
@@ -70,7 +91,9 @@ def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 12
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
         extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
-        batch_logits, pooled = model.forward_features(batch, *extra)
+        with _autocast(device, amp):
+            batch_logits, pooled = model.forward_features(batch, *extra)
+        pooled = pooled.float()
         logits.append(batch_logits.float().cpu())
         features.append(pooled.float().cpu())
         if scope is not None:
@@ -83,22 +106,38 @@ def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 12
 
 
 class TorchPredictor(Predictor):
-    """A model file's network, scored on ``device``."""
+    """A model file's network, scored on ``device`` in the precision its ``scoring``
+    names (``scoring_dtype``; float32 for a file that names none)."""
 
     def __init__(self, model, info: dict, device: str | torch.device = "cpu"):
         super().__init__(info)
         self.device = torch.device(device)
         self.model = model.to(self.device)
 
+    @property
+    def amp(self) -> torch.dtype | None:
+        return scoring_dtype(self.scoring.get("precision", "fp32"), self.device)
+
+    @property
+    def reduced(self) -> bool:
+        return self.amp is not None
+
+    def exact(self) -> TorchPredictor:
+        if not self.reduced:
+            return self
+        exact = TorchPredictor(self.model, {**self.info, "scoring": {**self.scoring, "precision": "fp32"}},
+                               self.device)
+        return exact
+
     def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
                     patient: np.ndarray | None = None) -> np.ndarray:
         return view_logits(self.model, self.info, images, tta=tta, batch_size=batch_size, device=self.device,
-                           progress=progress, patient=patient)
+                           progress=progress, patient=patient, amp=self.amp)
 
     def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
                       progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         logits, _, distances = plain_outputs(self.model, self.info, images, batch_size=batch_size, device=self.device,
-                                             patient=patient, progress=progress)
+                                             patient=patient, progress=progress, amp=self.amp)
         return logits, distances
 
 
@@ -108,8 +147,8 @@ def fit_scope(predictor: TorchPredictor, method: str, retention: float, *, train
     predictor's model: for mahalanobis, class means and shared precision fitted on the
     ``train`` split's pooled features (``(images, labels, patient rows)``), attached to
     the model as ``model.scope``; then the threshold keeping ``retention`` of the ``val``
-    images (``(images, patient rows)``) in scope. Returns the model file's ``scope`` and
-    the tensors to store (none for msp and energy)."""
+    images (``(images, patient rows)``) in scope, from float32 scores. Returns the model
+    file's ``scope`` and the tensors to store (none for msp and energy)."""
     from skinlesion.evaluation import scope
 
     if method == "none":
@@ -118,8 +157,11 @@ def fit_scope(predictor: TorchPredictor, method: str, retention: float, *, train
     if method == "mahalanobis":
         state = attach_mahalanobis(predictor, train, batch_size)
     images, patient = val
-    predictor.info = {**predictor.info, "scope": {"method": method, "threshold": 0.0, "retention": retention}}
-    scores = predictor.scope_scores(images, probabilities=val_probabilities, batch_size=batch_size, patient=patient)
+    if method == "msp":
+        scores = scope.scores(method, probabilities=val_probabilities)
+    else:  # the threshold from float32 scores, as every choice made on validation
+        logits, distances = predictor.exact().plain_outputs(images, batch_size=batch_size, patient=patient)
+        scores = scope.scores(method, logits=logits, distances=distances)
     return {"method": method, "threshold": scope.threshold(scores, retention), "retention": retention}, state
 
 
@@ -132,7 +174,8 @@ def attach_mahalanobis(predictor: TorchPredictor, train: tuple, batch_size: int 
 
     images, labels, patient = train
     _, features, _ = plain_outputs(predictor.model, predictor.info, images, batch_size=batch_size,
-                                   device=predictor.device, patient=patient, progress="scope: train features")
+                                   device=predictor.device, patient=patient, progress="scope: train features",
+                                   amp=predictor.amp)
     means, whitening = scope.fit_mahalanobis(features, labels, len(predictor.classes))
     predictor.model.scope = Scope(torch.from_numpy(means), torch.from_numpy(whitening)).to(predictor.device)
     return {"scope.means": predictor.model.scope.means, "scope.whitening": predictor.model.scope.whitening}

@@ -33,6 +33,12 @@ def patient_rows(info: dict, frame) -> np.ndarray | None:
     return patient.encode(frame, info["patient"]) if info.get("patient") else None
 
 
+# In reduced precision, answers this close to a decision are scored again in float32:
+# probabilities for the class and melanoma decisions, relative to the threshold for the
+# out-of-scope score. Measured bf16 error: below 0.01 in probability (docs/benchmark.md).
+RECHECK = 0.05
+
+
 def view_count(tta: str) -> int:
     return {"none": 1, "flips": 4, "dihedral": 8}[tta]
 
@@ -62,12 +68,42 @@ class Predictor:
     def patient_rows(self, frame) -> np.ndarray | None:
         return patient_rows(self.info, frame)
 
+    @property
+    def reduced(self) -> bool:
+        """Whether this backend scores in reduced precision (bf16); see ``exact``."""
+        return False
+
+    def exact(self):
+        """This predictor, scoring in float32 (itself where it already does)."""
+        return self
+
     def probabilities(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
                       patient: np.ndarray | None = None) -> np.ndarray:
-        """N x classes probabilities, scored as the model file says."""
+        """N x classes probabilities, scored as the model file says. In reduced precision,
+        the images whose answer lies within ``scoring.recheck`` of a decision (the top two
+        classes, the melanoma threshold) are scored again in float32, so every decision
+        is float32's and the other probabilities move by less than the margin."""
         logits = self.view_logits(images, tta=self.scoring["tta"], batch_size=batch_size, progress=progress,
                                   patient=patient)
-        return calibrate.probabilities(logits, self.scoring).astype(np.float32)
+        probabilities = calibrate.probabilities(logits, self.scoring).astype(np.float32)
+        if self.reduced and len(probabilities):
+            close = self.near_a_decision(probabilities)
+            if close.any():
+                again = self.exact().probabilities(images[close], batch_size=batch_size,
+                                                   patient=None if patient is None else patient[close])
+                probabilities[close] = again
+        return probabilities
+
+    def near_a_decision(self, probabilities: np.ndarray) -> np.ndarray:
+        """Rows within ``scoring.recheck`` of a decision: the top two probabilities
+        closer than that, or melanoma's that close to its threshold."""
+        margin = float(self.scoring.get("recheck", RECHECK))
+        top = np.sort(probabilities, axis=1)
+        close = top[:, -1] - (top[:, -2] if top.shape[1] > 1 else 0.0) < margin
+        threshold = self.scoring.get("mel_threshold")
+        if threshold is not None and "mel" in self.classes:
+            close |= np.abs(probabilities[:, self.classes.index("mel")] - threshold) < margin
+        return close
 
     def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
                       progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -86,9 +122,22 @@ class Predictor:
         if method == "msp":
             if probabilities is None:
                 probabilities = self.probabilities(images, batch_size=batch_size, patient=patient, progress=progress)
-            return scope.scores(method, probabilities=probabilities)
-        logits, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient, progress=progress)
-        return scope.scores(method, logits=logits, distances=distances)
+            scores = scope.scores(method, probabilities=probabilities)
+        else:
+            logits, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient, progress=progress)
+            scores = scope.scores(method, logits=logits, distances=distances)
+        if self.reduced and len(scores):  # near the threshold, the float32 score decides
+            threshold = self.info["scope"]["threshold"]
+            margin = float(self.scoring.get("recheck", RECHECK))
+            close = np.abs(scores - threshold) <= margin * max(abs(threshold), 1.0)
+            if close.any():
+                exact = self.exact()
+                rows = None if patient is None else patient[close]
+                again = None if method != "msp" else exact.probabilities(images[close], batch_size=batch_size,
+                                                                         patient=rows)
+                scores[close] = exact.scope_scores(images[close], probabilities=again, batch_size=batch_size,
+                                                   patient=rows)
+        return scores
 
     def in_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
         """Whether each score keeps its image in scope (at most the threshold chosen on
