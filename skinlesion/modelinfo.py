@@ -35,7 +35,7 @@ class Scoring(_Strict):
     mel_threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
     # how the PyTorch path scores it (skinlesion.evaluation.inference.scoring_dtype); ONNX: float32
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    recheck: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.05
+    recheck: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.02
 
 
 class Scope(_Strict):

@@ -240,7 +240,7 @@ class Calibrate(Group):
     scope: Literal["none", "msp", "energy", "mahalanobis"] = "mahalanobis"
     scope_retention: Fraction = 0.95
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    recheck: Fraction = 0.05
+    recheck: Fraction = 0.02
     batch_size: Count
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skinlesion import CLASSES, modelfile, plots
+from skinlesion import CLASSES, modelfile
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
 from skinlesion.data.split import read_manifest
@@ -38,16 +38,8 @@ def main(params):
                sort_keys=False)
     with atomic_dir(Path("plots/explain")) as out:
         write_json(out / "per_class.json", summary["per_class"])
-        for name, chosen in shown.items():
-            tiles, captions, colours = [], [], []
-            for i in chosen:
-                predicted = CLASSES[scored[i]["predicted"]]
-                energy = scored[i]["energy_in_lesion"]
-                tiles += [images[i], plots.overlay(images[i], cams[i], masks[i] if has_mask[i] else None)]
-                captions += [f"{test['image_id'][i]}\ntrue {name}",
-                             f"pred {predicted}\n" + ("no mask" if energy is None else f"in lesion {energy:.0%}")]
-                colours += ["black", "darkgreen" if predicted == name else "red"]
-            plots.image_grid(np.stack(tiles), captions, colours, out / f"{name}.png", columns=2)
+        explain.gallery(out, shown, images=images, masks=masks, has_mask=has_mask, image_ids=test["image_id"],
+                        scored=scored, cams=cams)
     overall = summary["overall"]
     logging.info("%s (at %s) on %d test images with masks: %.0f%% of heat-map energy on the lesion, "
                  "pointing game %.0f%%", settings["method"], layer, overall["images"],

@@ -34,10 +34,11 @@ many cells on a side: ResNet-18's last block at 128 px (4 x 4), the one before i
 
 
 def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: torch.Tensor | None = None,
-             patient: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, str]:
+             patient: torch.Tensor | None = None, amp: torch.dtype | None = None) -> tuple[np.ndarray, torch.Tensor, str]:
     """Heat maps in [0, 1] of the images' own size (N x H x W), for class ``target``
     (default: the predicted class), from the deepest of the model's ``cam_layers``
-    whose map has ``MIN_GRID`` cells a side (or else the finest of them).
+    whose map has ``MIN_GRID`` cells a side (or else the finest of them); ``amp``: the
+    autocast dtype of the forward pass (None: float32), the maps themselves in float32.
     Returns the maps, the logits and the layer's name."""
     modules = dict(model.named_modules())
     missing = [name for name in model.cam_layers if name not in modules]
@@ -57,7 +58,9 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     try:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)  # gradients flow even through a frozen backbone
-            logits = model(images) if patient is None else model(images, patient)
+            with torch.autocast(images.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                logits = model(images) if patient is None else model(images, patient)
+            logits = logits.float()
             if target is None:
                 target = logits.argmax(dim=1)
             model.zero_grad(set_to_none=True)
@@ -65,7 +68,7 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     finally:
         for handle in handles:
             handle.remove()
-    maps = {name: (_as_map(got["activation"].detach()), _as_map(got["gradient"].detach()))
+    maps = {name: (_as_map(got["activation"].detach().float()), _as_map(got["gradient"].detach().float()))
             for name, got in captured.items()}
     layer = next((name for name, (activation, _) in maps.items() if min(activation.shape[-2:]) >= MIN_GRID),
                  max(maps, key=lambda name: min(maps[name][0].shape[-2:])))
@@ -85,14 +88,14 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
 
 
 def member_heatmaps(model, images: torch.Tensor, *, method: str, target: torch.Tensor,
-                    patient: torch.Tensor | None = None) -> tuple[np.ndarray, str]:
+                    patient: torch.Tensor | None = None, amp: torch.dtype | None = None) -> tuple[np.ndarray, str]:
     """``heatmaps`` for a model or an ensemble: an ensemble's map is the mean of its
     members' maps (each for the ensemble's predicted class, each scaled to a peak of 1),
     scaled to a peak of 1 again. Returns the maps and the (first member's) layer."""
     from skinlesion.training.models import members_of
 
     networks = members_of(model)
-    maps = [heatmaps(network, images, method=method, target=target, patient=patient) for network in networks]
+    maps = [heatmaps(network, images, method=method, target=target, patient=patient, amp=amp) for network in networks]
     if len(maps) == 1:
         return maps[0][0], maps[0][2]
     mean = np.mean([cams for cams, _, _ in maps], axis=0)
@@ -116,7 +119,7 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
                 patient: np.ndarray | None = None, device: str | torch.device = "cpu"):
     """Heat maps for every image (its predicted class, scored as the model file says,
-    as target) and, where a mask exists, its lesion scores. Returns per-image rows and
+    as target; in the file's precision) and, where a mask exists, its lesion scores. Returns per-image rows and
     the heat maps of the indices in ``keep`` (for overlays). ``model`` must be on ``device``."""
     from skinlesion.evaluation.inference import TorchPredictor, normalise
     from skinlesion.progress import bar
@@ -130,7 +133,8 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
         predicted = predictor.probabilities(pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
         cams, layer = member_heatmaps(model, normalise(pixels, info, device), method=method,
                                       target=torch.from_numpy(predicted).to(device),
-                                      patient=None if metadata is None else torch.from_numpy(metadata).to(device))
+                                      patient=None if metadata is None else torch.from_numpy(metadata).to(device),
+                                      amp=predictor.amp)
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None
@@ -156,3 +160,23 @@ def summarise(rows: list[dict], labels: np.ndarray, classes) -> dict:
     for index, name in enumerate(classes):
         result["per_class"][name] = block([r for r, label in zip(rows, labels) if label == index])
     return result
+
+
+def gallery(out, shown: dict[str, list[int]], *, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
+            image_ids, scored: list[dict], cams: dict[int, np.ndarray]) -> None:
+    """One figure per class under ``out`` (``CLASS.png``): for each index ``shown`` for
+    that class, the image beside its heat map over the lesion's outline, captioned with
+    the prediction (green right, red wrong) and the heat map's share on the lesion."""
+    from skinlesion import CLASSES, plots
+
+    image_ids = list(image_ids)
+    for name, chosen in shown.items():
+        tiles, captions, colours = [], [], []
+        for i in chosen:
+            predicted = CLASSES[scored[i]["predicted"]]
+            energy = scored[i]["energy_in_lesion"]
+            tiles += [images[i], plots.overlay(images[i], cams[i], masks[i] if has_mask[i] else None)]
+            captions += [f"{image_ids[i]}\ntrue {name}",
+                         f"pred {predicted}\n" + ("no mask" if energy is None else f"in lesion {energy:.0%}")]
+            colours += ["black", "darkgreen" if predicted == name else "red"]
+        plots.image_grid(np.stack(tiles), captions, colours, out / f"{name}.png", columns=2)
