@@ -35,8 +35,9 @@ def main(params):
                                       mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
     scoring = {**scoring, "precision": settings["precision"], "recheck": settings["recheck"]}
     train_images = prepared.images[prepared.rows(train["image_id"])]
+    scored = inference.TorchPredictor(model, {**info, "scoring": scoring}, device)
     scope, scope_state = inference.fit_scope(
-        inference.TorchPredictor(model, {**info, "scoring": scoring}, device), settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
+        scored, settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
         train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),
         val=(images, predictor.patient_rows(val)),
         val_probabilities=calibrate.probabilities(logits, scoring))
