@@ -271,3 +271,31 @@ def test_precision_choice_and_a_bf16_run_on_cpu(data, tmp_path):
     assert summary["precision"] == "bfloat16"
     loss = tsv(tmp_path, "train/loss")["loss"]
     assert loss.iloc[-1] < loss.iloc[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_prefetching_loader_gives_the_loaders_own_batches(device):
+    # One batch ahead (on a second CUDA stream where there is one): the same batches, in
+    # the same order, with the augmentation drawn the same, epoch after epoch.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 24, 24, 3), dtype=np.uint8)
+    labels, patient = np.arange(37) % 7, rng.normal(size=(37, 4)).astype(np.float32)
+
+    def epochs(prefetch):
+        loader = ArrayLoader(images, labels, batch_size=8, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
+                             device=torch.device(device), augment="strong", seed=5, shuffle=True,
+                             patient=patient, prefetch=prefetch)
+        out = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            out.append([[tensor.cpu() for tensor in batch] for batch in loader])
+        return out
+
+    plain, ahead = epochs(False), epochs(True)
+    assert [len(epoch) for epoch in ahead] == [5, 5]
+    for one, other in zip(plain, ahead):
+        for batch, same in zip(one, other, strict=True):
+            for tensor, twin in zip(batch, same, strict=True):
+                torch.testing.assert_close(tensor, twin, rtol=0, atol=0)
+    assert not torch.equal(plain[0][0][0], plain[1][0][0])  # the epochs differ

@@ -9,6 +9,8 @@ ops, on the GPU when there is one.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -84,8 +86,11 @@ class ArrayLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
                  device: torch.device, shuffle: bool = False, augment: str = "none", seed: int = 0,
                  weights: np.ndarray | None = None, rank: int = 0, world: int = 1,
-                 patient: np.ndarray | None = None):
+                 patient: np.ndarray | None = None, prefetch: bool | None = None):
         self.images = torch.from_numpy(np.ascontiguousarray(images))
+        # prefetch: one batch ahead on a second CUDA stream (default: on CUDA; elsewhere it
+        # only looks ahead, which the tests use to check the batches are the same)
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         self.patient = None if patient is None else torch.as_tensor(np.asarray(patient, dtype=np.float32))
         self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
         self.batch_size = batch_size
@@ -97,8 +102,6 @@ class ArrayLoader:
         self.rank, self.world = rank, world
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.mean, self.std = mean, std
-        if device.type == "cuda":
-            self.images = self.images.pin_memory()
 
     def __len__(self) -> int:
         per_rank = -(-len(self.images) // self.world)
@@ -118,12 +121,15 @@ class ArrayLoader:
             order = torch.arange(len(self.images))
         return shard(order, self.rank, self.world)
 
-    def __iter__(self):
+    def _batches(self):
         order = self.order()
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "augment", self.epoch))
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
-            batch = self.images[index].to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            images = self.images[index]
+            if self.device.type == "cuda":  # a gathered batch is pageable memory: pin it, so the copy is async
+                images = images.pin_memory()
+            batch = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
             if self.augment == "flips":
                 batch = dihedral(batch, generator)
             elif self.augment == "strong":
@@ -134,3 +140,27 @@ class ArrayLoader:
                 yield batch, labels
             else:
                 yield batch, labels, self.patient[index].to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        if not self.prefetch:
+            yield from self._batches()
+            return
+        # One batch ahead: while the step runs on batch k, batch k+1 is gathered, copied
+        # and augmented, on a second CUDA stream where there is one. The batches and
+        # their order are the loader's own (the augmentation draws in the same order).
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        batches = self._batches()
+
+        def fetch():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return next(batches, None)
+
+        ahead = fetch()
+        while ahead is not None:
+            if stream is not None:
+                current_stream = torch.cuda.current_stream(self.device)
+                current_stream.wait_stream(stream)
+                for tensor in ahead:
+                    tensor.record_stream(current_stream)  # made on the side stream, used on this one
+            current, ahead = ahead, fetch()
+            yield current
