@@ -89,8 +89,9 @@ def classify(predictor: Predictor, members: list[archives.Member], batch_size: i
             if patient is not None:
                 ids = [Path(chunk[i].name).stem for i in found]
                 rows = predictor.patient_rows(patient.loc[ids].reset_index(drop=True))
-            parts.append(predictor.probabilities(pixels, batch_size=batch_size, patient=rows))
-            scores.append(predictor.scope_scores(pixels, probabilities=parts[-1], batch_size=batch_size, patient=rows))
+            _, probabilities, scope_scores = predictor.answer(pixels, batch_size=batch_size, patient=rows)
+            parts.append(probabilities)
+            scores.append(scope_scores)
             ok += [start + i for i in found]
             errors += failed
             progress.update(len(chunk))

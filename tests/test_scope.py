@@ -207,3 +207,23 @@ def test_scored_sets_report_the_share_the_model_would_answer(tmp_path):
                                      plots_dir=None)
     expected = predictor.in_scope(predictor.scope_scores(pixels)).mean()
     assert result["in_scope"] == pytest.approx(expected, abs=1e-4) and 0 < result["in_scope"] < 1
+
+
+def test_one_pass_over_the_views_gives_what_the_separate_passes_give(tmp_path):
+    # The plain view is the first of every TTA: its pooled features give the distance in
+    # the same pass as the views' logits, on PyTorch and on ONNX Runtime.
+    target, _ = scoped_model_file(tmp_path, members=2)
+    model, info = modelfile.load(target)
+    pixels = np.concatenate([images(12, 32, seed=5), far_sample()])
+    on_torch = inference.TorchPredictor(model, info)
+    assert not on_torch.reduced
+    logits, probabilities, scores = on_torch.answer(pixels)
+    np.testing.assert_array_equal(logits, on_torch.view_logits(pixels, tta=info["scoring"]["tta"]))
+    np.testing.assert_allclose(scores, on_torch.scope_scores(pixels), rtol=1e-6)
+    export.export(model, info, tmp_path / "model.onnx")
+    on_onnx = runtime.OnnxPredictor(*runtime.load(tmp_path / "model.onnx"))
+    onnx_logits, onnx_probabilities, onnx_scores = on_onnx.answer(pixels)
+    np.testing.assert_array_equal(onnx_logits, on_onnx.view_logits(pixels, tta=info["scoring"]["tta"]))
+    np.testing.assert_allclose(onnx_scores, on_onnx.scope_scores(pixels), rtol=1e-6)
+    np.testing.assert_allclose(onnx_probabilities, probabilities, atol=1e-4)
+    assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3

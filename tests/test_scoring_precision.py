@@ -57,7 +57,8 @@ def test_in_bf16_the_answers_near_a_decision_are_float32s_and_the_rest_the_bf16_
     bf16 = alone.probabilities(pixels)
     assert 0 < np.abs(bf16 - want).max() < 0.05  # bf16 did run, and stays close
     got = reduced.probabilities(pixels)
-    close = reduced.near_a_decision(bf16)  # what the bf16 pass found near a decision
+    # what the bf16 pass found near a decision: the classes, melanoma, the out-of-scope threshold
+    close = reduced.near_a_decision(bf16) | reduced.near_the_scope_threshold(alone.scope_scores(pixels))
     assert 0.2 < close.mean() < 0.8
     np.testing.assert_array_equal(got[close], want[close])
     np.testing.assert_array_equal(got[~close], bf16[~close])
@@ -69,6 +70,8 @@ def test_in_bf16_the_answers_near_a_decision_are_float32s_and_the_rest_the_bf16_
     threshold = info["scope"]["threshold"]
     near = np.abs(alone.scope_scores(pixels) - threshold) <= margin * max(abs(threshold), 1.0)
     assert near.any()
+    _, _, answered = reduced.answer(pixels)  # the one-pass path: the same scores
+    np.testing.assert_array_equal(answered[near], exact_scores[near])
     np.testing.assert_array_equal(scores[near], exact_scores[near])
     assert (exact.in_scope(exact_scores) == reduced.in_scope(scores)).all()
 

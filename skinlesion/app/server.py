@@ -93,8 +93,7 @@ class Analyst:
             return {"file": name, "error": errors[0]}
         classes = list(self.info["classes"])
         with self.lock:
-            probabilities = self.predictor.probabilities(pixels, patient=rows)
-            scores = self.predictor.scope_scores(pixels, probabilities=probabilities, patient=rows)
+            _, probabilities, scores = self.predictor.answer(pixels, patient=rows)
             in_scope = self.predictor.in_scope(scores)
             probabilities = probabilities[0]
             predicted = int(probabilities.argmax())

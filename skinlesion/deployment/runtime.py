@@ -89,6 +89,29 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     return np.concatenate(out, axis=1)
 
 
+def view_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, tta: str,
+                 batch_size: int = 128, progress: str | None = None, patient: np.ndarray | None = None):
+    """``view_logits`` and, for a graph with the out-of-scope output, the plain view's
+    distances from the same runs; else None."""
+    if SCOPE not in [output.name for output in session.get_outputs()]:
+        return view_logits(session, info, images, tta=tta, batch_size=batch_size, progress=progress,
+                           patient=patient), None
+    if bool(info.get("patient")) != (patient is not None):
+        raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
+                            "given" if info.get("patient") else "this model takes no patient metadata")
+    check_views(tta, images, info)
+    out, distances = [np.zeros((view_count(tta), 0, len(info["classes"])), np.float32)], [np.zeros(0, np.float32)]
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
+        extra = {} if patient is None else {PATIENT: np.asarray(patient[start:start + batch_size], np.float32)}
+        plain, *others = _views(batch, tta)
+        first, distance = session.run([OUTPUT, SCOPE], {INPUT: plain, **extra})
+        out.append(np.stack([first] + [session.run([OUTPUT], {INPUT: view, **extra})[0] for view in others]))
+        distances.append(distance)
+    return np.concatenate(out, axis=1), np.concatenate(distances)
+
+
 def plain_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
                   patient: np.ndarray | None = None, progress: str | None = None):
     """The plain view's logits and, for a graph with the out-of-scope output, the distances."""
@@ -119,6 +142,11 @@ class OnnxPredictor(Predictor):
                     patient: np.ndarray | None = None) -> np.ndarray:
         return view_logits(self.session, self.info, images, tta=tta, batch_size=batch_size, progress=progress,
                            patient=patient)
+
+    def view_outputs(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
+                     patient: np.ndarray | None = None):
+        return view_outputs(self.session, self.info, images, tta=tta, batch_size=batch_size, progress=progress,
+                            patient=patient)
 
     def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
                       progress: str | None = None):

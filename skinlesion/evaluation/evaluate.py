@@ -23,18 +23,15 @@ def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray
     (skinlesion.evaluation.predictor): writes the headline metrics to ``metrics_path`` and
     the details and plots under ``plots_dir``."""
     how = predictor.scoring
-    logits = predictor.view_logits(images, tta=how["tta"], batch_size=settings["batch_size"], progress=progress,
-                                   patient=predictor.patient_rows(frame))  # None for a model without metadata
-    probabilities = calibrate.probabilities(logits, how)
+    logits, probabilities, scores = predictor.answer(images, batch_size=settings["batch_size"], progress=progress,
+                                                     patient=predictor.patient_rows(frame))  # None: no metadata
     uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
     labels = frame["label"].to_numpy()
     result, details = metrics.report(labels, probabilities, frame["lesion_id"].to_numpy(), uncalibrated=uncalibrated,
                                      mel_threshold=how.get("mel_threshold"),
                                      mel_specificity=settings["mel_specificity"],
                                      resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
-    in_scope = predictor.in_scope(predictor.scope_scores(images, probabilities=probabilities,
-                                                         batch_size=settings["batch_size"],
-                                                         patient=predictor.patient_rows(frame)))
+    in_scope = predictor.in_scope(scores)
     if in_scope is not None:  # the share the model would answer (the rest: "not like the training data")
         result["in_scope"] = round(float(in_scope.mean()), 4) if len(in_scope) else None
     write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it

@@ -76,6 +76,35 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
 
 
 @torch.no_grad()
+def view_outputs(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
+                 device: str | torch.device = "cpu", progress: str | None = None,
+                 patient: np.ndarray | None = None, amp: torch.dtype | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``view_logits`` and, for a model carrying the Mahalanobis score (``model.scope``),
+    the plain view's distances (float32) from the same pass; else None."""
+    scope = getattr(model, "scope", None)
+    if scope is None:
+        return view_logits(model, info, images, tta=tta, batch_size=batch_size, device=device, progress=progress,
+                           patient=patient, amp=amp), None
+    check_views(tta, images, info)
+    model.eval()
+    out, distances = [], []
+    starts = range(0, len(images), batch_size)
+    for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
+        batch = normalise(images[start:start + batch_size], info, device)
+        extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
+        plain, *others = _views(batch, tta)
+        with _autocast(device, amp):
+            first, pooled = model.forward_features(plain, *extra)
+            logits = [first.float()] + [model(view, *extra).float() for view in others]
+        out.append(torch.stack(logits).cpu())
+        distances.append(scope(pooled.float()).cpu())
+    if not out:
+        return np.zeros((view_count(tta), 0, len(info["classes"])), dtype=np.float32), np.zeros(0, np.float32)
+    return torch.cat(out, dim=1).numpy(), torch.cat(distances).numpy()
+
+
+@torch.no_grad()
 def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 128,
                   device: str | torch.device = "cpu", patient: np.ndarray | None = None,
                   progress: str | None = None, amp: torch.dtype | None = None
@@ -133,6 +162,11 @@ class TorchPredictor(Predictor):
                     patient: np.ndarray | None = None) -> np.ndarray:
         return view_logits(self.model, self.info, images, tta=tta, batch_size=batch_size, device=self.device,
                            progress=progress, patient=patient, amp=self.amp)
+
+    def view_outputs(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
+                     patient: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        return view_outputs(self.model, self.info, images, tta=tta, batch_size=batch_size, device=self.device,
+                            progress=progress, patient=patient, amp=self.amp)
 
     def plain_outputs(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
                       progress: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:

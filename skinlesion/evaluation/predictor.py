@@ -79,22 +79,65 @@ class Predictor:
         """This predictor, scoring in float32 (itself where it already does)."""
         return self
 
+    def view_outputs(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
+                     patient: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The V x N x classes logits of ``tta``'s views and, for a model carrying the
+        Mahalanobis out-of-scope score, each image's distance (its plain view, the first
+        of every ``tta``), else None. Backends override this with one pass over the views."""
+        logits = self.view_logits(images, tta=tta, batch_size=batch_size, progress=progress, patient=patient)
+        distances = None
+        if (self.info.get("scope") or {}).get("method") == "mahalanobis":
+            _, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient)
+        return logits, distances
+
+    def outputs(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
+                patient: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``view_outputs`` for the file's views, in its precision. In reduced precision
+        the images whose answer lies within ``scoring.recheck`` of a decision (the top two
+        classes, the melanoma threshold, the out-of-scope threshold) are scored again in
+        float32, so every decision is float32's and the rest move by less than the margin."""
+        logits, distances = self.view_outputs(images, tta=self.scoring["tta"], batch_size=batch_size,
+                                              progress=progress, patient=patient)
+        if self.reduced and logits.shape[1]:
+            probabilities = calibrate.probabilities(logits, self.scoring)
+            close = self.near_a_decision(probabilities)
+            scores = self._scores(logits, probabilities, distances)
+            if scores is not None:
+                close |= self.near_the_scope_threshold(scores)
+            if close.any():
+                again, again_distances = self.exact().view_outputs(
+                    images[close], tta=self.scoring["tta"], batch_size=batch_size,
+                    patient=None if patient is None else patient[close])
+                logits[:, close] = again
+                if distances is not None:
+                    distances[close] = again_distances
+        return logits, distances
+
+    def answer(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
+               patient: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Everything the file says about the images, from one pass: the views' logits,
+        the N x classes probabilities and the out-of-scope scores (None without a score)."""
+        logits, distances = self.outputs(images, batch_size=batch_size, progress=progress, patient=patient)
+        probabilities = calibrate.probabilities(logits, self.scoring).astype(np.float32)
+        return logits, probabilities, self._scores(logits, probabilities, distances)
+
     def probabilities(self, images: np.ndarray, *, batch_size: int = 128, progress: str | None = None,
                       patient: np.ndarray | None = None) -> np.ndarray:
-        """N x classes probabilities, scored as the model file says. In reduced precision,
-        the images whose answer lies within ``scoring.recheck`` of a decision (the top two
-        classes, the melanoma threshold) are scored again in float32, so every decision
-        is float32's and the other probabilities move by less than the margin."""
-        logits = self.view_logits(images, tta=self.scoring["tta"], batch_size=batch_size, progress=progress,
-                                  patient=patient)
-        probabilities = calibrate.probabilities(logits, self.scoring).astype(np.float32)
-        if self.reduced and len(probabilities):
-            close = self.near_a_decision(probabilities)
-            if close.any():
-                again = self.exact().probabilities(images[close], batch_size=batch_size,
-                                                   patient=None if patient is None else patient[close])
-                probabilities[close] = again
-        return probabilities
+        """N x classes probabilities, scored as the model file says (``answer``)."""
+        return self.answer(images, batch_size=batch_size, progress=progress, patient=patient)[1]
+
+    def _scores(self, logits: np.ndarray, probabilities: np.ndarray, distances: np.ndarray | None):
+        method = (self.info.get("scope") or {}).get("method")
+        if method is None:
+            return None
+        return scope.scores(method, logits=logits[0], probabilities=probabilities, distances=distances)
+
+    def near_the_scope_threshold(self, scores: np.ndarray) -> np.ndarray:
+        """Rows whose out-of-scope score is within ``scoring.recheck`` of the threshold,
+        relative to its size."""
+        threshold = self.info["scope"]["threshold"]
+        margin = float(self.scoring.get("recheck", RECHECK))
+        return np.abs(np.asarray(scores) - threshold) <= margin * max(abs(threshold), 1.0)
 
     def near_a_decision(self, probabilities: np.ndarray) -> np.ndarray:
         """Rows within ``scoring.recheck`` of a decision: the top two probabilities
@@ -129,9 +172,7 @@ class Predictor:
             logits, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient, progress=progress)
             scores = scope.scores(method, logits=logits, distances=distances)
         if self.reduced and len(scores):  # near the threshold, the float32 score decides
-            threshold = self.info["scope"]["threshold"]
-            margin = float(self.scoring.get("recheck", RECHECK))
-            close = np.abs(scores - threshold) <= margin * max(abs(threshold), 1.0)
+            close = self.near_the_scope_threshold(scores)
             if close.any():
                 exact = self.exact()
                 rows = None if patient is None else patient[close]

@@ -178,16 +178,17 @@ def measure(predictor, inside: np.ndarray, inside_patient, sets: dict[str, tuple
     kinds)}``, scored with unknown patient metadata for a model that takes it); the
     separation per set and candidate (and, for the model's own method, the shares each
     side of its threshold), and every image's scores (for the plots)."""
-    from skinlesion.evaluation import scope
+    from skinlesion.evaluation import calibrate, scope
 
     flags: dict[str, np.ndarray | None] = {}
 
     def candidates(name, images, patient) -> dict[str, np.ndarray]:
-        probabilities = predictor.probabilities(images, batch_size=batch_size, patient=patient)
-        logits, distances = predictor.plain_outputs(images, batch_size=batch_size, patient=patient)
+        # one pass: the views' logits, and the distances of their plain (first) view
+        logits, distances = predictor.outputs(images, batch_size=batch_size, patient=patient)
+        probabilities = calibrate.probabilities(logits, predictor.scoring).astype(np.float32)
         flags[name] = predictor.melanoma_flags(probabilities)
         return {"msp": scope.scores("msp", probabilities=probabilities),
-                "energy": scope.scores("energy", logits=logits),
+                "energy": scope.scores("energy", logits=logits[0]),
                 "mahalanobis": scope.scores("mahalanobis", distances=distances)}
 
     own = predictor.info.get("scope") or {}
