@@ -239,8 +239,8 @@ class Calibrate(Group):
     mel_sensitivity: Fraction
     scope: Literal["none", "msp", "energy", "mahalanobis"] = "mahalanobis"
     scope_retention: Fraction = 0.95
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    recheck: Fraction = 0.02
+    precision: Literal["auto", "fp32", "bf16"]
+    recheck: Fraction
     batch_size: Count
 
 
