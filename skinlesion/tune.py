@@ -169,6 +169,9 @@ def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name:
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 direction=space["direction"], sampler=optuna.samplers.TPESampler(seed=seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+    # A continued study must not draw the points it drew before (the sampler's first draws
+    # are random from its seed): the seed moves on with the trials already in the study.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     if done:
         log.info("study %s: %d trial(s) already done, carrying on", study_name, len(done))

@@ -92,6 +92,9 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     assert "2 trial(s) already done, carrying on" in resumed.stderr
     states = [t.state for t in study(project).trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and len(states) == 4
+    # a continued study draws new points, not those of its first run again
+    drawn = [tuple(sorted(t.params.items())) for t in study(project).trials]
+    assert len(set(drawn)) == len(drawn), drawn
 
 
 @pytest.mark.parametrize("space, message", [
