@@ -1,8 +1,8 @@
 """DVC stage `calibrate`: combine the members of ``ensemble.seeds`` into one model and
 choose on validation how it is scored (TTA, logit adjustment, temperature, melanoma
-threshold; the precision is a param) and past what out-of-scope score it declines to answer (the score's class
-means and covariance fitted on the train split); write it as ``models/model.pt``
-(skinlesion.evaluation.calibrate, skinlesion.evaluation.scope)."""
+threshold; the precision is a param) and past what out-of-scope score it declines to
+answer (the score's class means and covariance fitted on the train split); write it as
+``models/model.pt`` (skinlesion.evaluation.calibrate, skinlesion.evaluation.scope)."""
 
 import logging
 from pathlib import Path

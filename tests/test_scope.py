@@ -219,11 +219,11 @@ def test_one_pass_over_the_views_gives_what_the_separate_passes_give(tmp_path):
     assert not on_torch.reduced
     logits, probabilities, scores = on_torch.answer(pixels)
     np.testing.assert_array_equal(logits, on_torch.view_logits(pixels, tta=info["scoring"]["tta"]))
-    np.testing.assert_allclose(scores, on_torch.scope_scores(pixels), rtol=1e-6)
+    np.testing.assert_allclose(scores, on_torch.plain_outputs(pixels)[1], rtol=1e-6)  # a separate plain pass
     export.export(model, info, tmp_path / "model.onnx")
     on_onnx = runtime.OnnxPredictor(*runtime.load(tmp_path / "model.onnx"))
     onnx_logits, onnx_probabilities, onnx_scores = on_onnx.answer(pixels)
     np.testing.assert_array_equal(onnx_logits, on_onnx.view_logits(pixels, tta=info["scoring"]["tta"]))
-    np.testing.assert_allclose(onnx_scores, on_onnx.scope_scores(pixels), rtol=1e-6)
+    np.testing.assert_allclose(onnx_scores, on_onnx.plain_outputs(pixels)[1], rtol=1e-6)
     np.testing.assert_allclose(onnx_probabilities, probabilities, atol=1e-4)
     assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from skinlesion import PipelineError
+from skinlesion.training import devices
 
 
 def _as_map(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def heatmaps(model, images: torch.Tensor, *, method: str = "gradcam", target: to
     try:
         with torch.enable_grad():
             images = images.detach().requires_grad_(True)  # gradients flow even through a frozen backbone
-            with torch.autocast(images.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            with devices.autocast(images.device, amp):
                 logits = model(images) if patient is None else model(images, patient)
             logits = logits.float()
             if target is None:
@@ -119,8 +120,9 @@ def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_ma
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
                 patient: np.ndarray | None = None, device: str | torch.device = "cpu"):
     """Heat maps for every image (its predicted class, scored as the model file says,
-    as target; in the file's precision) and, where a mask exists, its lesion scores. Returns per-image rows and
-    the heat maps of the indices in ``keep`` (for overlays). ``model`` must be on ``device``."""
+    as target; in the file's precision) and, where a mask exists, its lesion scores.
+    Returns per-image rows and the heat maps of the indices in ``keep`` (for overlays).
+    ``model`` must be on ``device``."""
     from skinlesion.evaluation.inference import TorchPredictor, normalise
     from skinlesion.progress import bar
 

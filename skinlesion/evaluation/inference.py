@@ -50,10 +50,6 @@ def scoring_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _autocast(device, amp: torch.dtype | None):
-    return torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None)
-
-
 @torch.no_grad()
 def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
                 device: str | torch.device = "cpu", progress: str | None = None,
@@ -68,7 +64,7 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
         extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
-        with _autocast(device, amp):
+        with devices.autocast(device, amp):
             out.append(torch.stack([model(view, *extra).float() for view in _views(batch, tta)]).cpu())
     if not out:
         return np.zeros((view_count(tta), 0, len(info["classes"])), dtype=np.float32)
@@ -94,7 +90,7 @@ def view_outputs(model, info: dict, images: np.ndarray, *, tta: str, batch_size:
         batch = normalise(images[start:start + batch_size], info, device)
         extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
         plain, *others = _views(batch, tta)
-        with _autocast(device, amp):
+        with devices.autocast(device, amp):
             first, pooled = model.forward_features(plain, *extra)
             logits = [first.float()] + [model(view, *extra).float() for view in others]
         out.append(torch.stack(logits).cpu())
@@ -120,11 +116,11 @@ def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 12
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = normalise(images[start:start + batch_size], info, device)
         extra = [] if patient is None else [torch.as_tensor(patient[start:start + batch_size], device=device)]
-        with _autocast(device, amp):
+        with devices.autocast(device, amp):
             batch_logits, pooled = model.forward_features(batch, *extra)
         pooled = pooled.float()
         logits.append(batch_logits.float().cpu())
-        features.append(pooled.float().cpu())
+        features.append(pooled.cpu())
         if scope is not None:
             distances.append(scope(pooled).cpu())
     if not logits:
@@ -154,9 +150,7 @@ class TorchPredictor(Predictor):
     def exact(self) -> TorchPredictor:
         if not self.reduced:
             return self
-        exact = TorchPredictor(self.model, {**self.info, "scoring": {**self.scoring, "precision": "fp32"}},
-                               self.device)
-        return exact
+        return TorchPredictor(self.model, {**self.info, "scoring": {**self.scoring, "precision": "fp32"}}, self.device)
 
     def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
                     patient: np.ndarray | None = None) -> np.ndarray:

@@ -156,31 +156,11 @@ class Predictor:
         Mahalanobis out-of-scope score, each image's distance (else None)."""
         raise NotImplementedError
 
-    def scope_scores(self, images: np.ndarray, *, probabilities: np.ndarray | None = None, batch_size: int = 128,
-                     patient: np.ndarray | None = None, progress: str | None = None) -> np.ndarray | None:
+    def scope_scores(self, images: np.ndarray, *, batch_size: int = 128, patient: np.ndarray | None = None,
+                     progress: str | None = None) -> np.ndarray | None:
         """Each image's out-of-scope score by the model file's method (larger: further
-        from the training data), or None for a model without one. ``probabilities``:
-        the images' scored probabilities, if already at hand."""
-        method = (self.info.get("scope") or {}).get("method")
-        if method is None:
-            return None
-        if method == "msp":
-            if probabilities is None:
-                probabilities = self.probabilities(images, batch_size=batch_size, patient=patient, progress=progress)
-            scores = scope.scores(method, probabilities=probabilities)
-        else:
-            logits, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient, progress=progress)
-            scores = scope.scores(method, logits=logits, distances=distances)
-        if self.reduced and len(scores):  # near the threshold, the float32 score decides
-            close = self.near_the_scope_threshold(scores)
-            if close.any():
-                exact = self.exact()
-                rows = None if patient is None else patient[close]
-                again = None if method != "msp" else exact.probabilities(images[close], batch_size=batch_size,
-                                                                         patient=rows)
-                scores[close] = exact.scope_scores(images[close], probabilities=again, batch_size=batch_size,
-                                                   patient=rows)
-        return scores
+        from the training data), or None for a model without one (``answer``'s)."""
+        return self.answer(images, batch_size=batch_size, patient=patient, progress=progress)[2]
 
     def in_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
         """Whether each score keeps its image in scope (at most the threshold chosen on

@@ -35,6 +35,11 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def autocast(device, amp: torch.dtype | None):
+    """Autocast to ``amp`` on ``device``'s type, or plain float32 for None."""
+    return torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
