@@ -105,7 +105,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"a YAML file does not parse ({str(error).splitlines()[0]}); fix it"
 
 
-def run_stage(stage: str, main: Callable[[params.DeclaredParams], None]) -> None:
+def run_stage(stage: str, main: Callable[[params.Declared], None]) -> None:
     """Run ``main`` with the params ``stage`` declares, and exit as ``guarded`` says:
     1 with one line for a problem the user can fix, 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -126,10 +126,10 @@ class Torchvision(Group):
 
 
 class VitB16(Group):
-    layers: Count = 12
-    heads: Count = 12
-    hidden_dim: Count = 768
-    mlp_dim: Count = 3072
+    layers: Count
+    heads: Count
+    hidden_dim: Count
+    mlp_dim: Count
     head: Head
 
 
@@ -206,9 +206,9 @@ class Train(Group):
     ema: Rate
     select: Literal["macro_auc", "log_loss", "balanced_accuracy"]
     logit_adjust: NonNegative
-    mixup: NonNegative = 0.0
-    cutmix: NonNegative = 0.0
-    metadata: bool = True
+    mixup: NonNegative
+    cutmix: NonNegative
+    metadata: bool
 
     @model_validator(mode="before")
     @classmethod
@@ -237,16 +237,17 @@ class Calibrate(Group):
     adjust: Literal["none", "balanced_accuracy", "mean_accuracy"]
     method: Literal["none", "temperature"]
     mel_sensitivity: Fraction
-    scope: Literal["none", "msp", "energy", "mahalanobis"] = "mahalanobis"
-    scope_retention: Fraction = 0.95
+    scope: Literal["none", "msp", "energy", "mahalanobis"]
+    scope_retention: Fraction
     precision: Literal["auto", "fp32", "bf16"]
     recheck: Fraction
     batch_size: Count
 
 
 class Evaluate(Group):
-    # The defaults are the shipped params.yaml's, for scoring outside the pipeline
-    # (python -m skinlesion.predict --score) to give the evaluate stage's numbers.
+    # The defaults are the shipped params.yaml's (a test holds them equal), for scoring
+    # outside the pipeline (python -m skinlesion.predict --score) to give the evaluate
+    # stage's numbers. No other group has defaults: a key missing from params.yaml is an error.
     mel_specificity: Fraction = 0.9
     bootstrap_resamples: Count = 1000
     bootstrap_seed: Seed = 42
@@ -442,18 +443,36 @@ def check_all(values: dict) -> dict:
 
 # --- what a stage declares -------------------------------------------------------------
 
-class DeclaredParams(dict):
-    """A params mapping that names the stage when code reads an undeclared key."""
+class Declared:
+    """The params a stage declares, typed: ``params.train`` is a :class:`Train`,
+    ``params.model`` the architecture's name, ``params.architecture`` its
+    ``models.<name>`` settings. Reading a group the stage does not declare raises,
+    naming the stage; there is no reading by string key."""
 
-    def __init__(self, stage: str, values: dict):
-        super().__init__(values)
-        self.stage = stage
+    def __init__(self, stage: str, values: dict[str, Any], path: str = ""):
+        self._stage, self._values, self._path = stage, values, path
 
-    def __missing__(self, key):
-        raise PipelineError(
-            f"stage '{self.stage}' read param '{key}', which dvc.yaml does not declare "
-            f"for it; add it to the stage's params in dvc.yaml"
-        )
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._values:
+            dotted = f"{self._path}.{name}" if self._path else name
+            raise PipelineError(f"stage '{self._stage}' read param '{dotted}', which dvc.yaml does not declare "
+                                f"for it; add it to the stage's params in dvc.yaml")
+        return self._values[name]
+
+    @property
+    def architecture(self) -> Group:
+        """The chosen architecture's settings (``models.${model}``)."""
+        return getattr(self.models, self.model)
+
+    def as_dict(self) -> dict:
+        """What was declared, as plain data (for printing and comparing)."""
+        def plain(value):
+            if isinstance(value, Declared):
+                return value.as_dict()
+            return value.model_dump() if isinstance(value, BaseModel) else value
+        return {key: plain(value) for key, value in self._values.items()}
 
 
 def _declared_keys(stage: str, dvc_yaml: Path) -> list[str]:
@@ -524,6 +543,15 @@ def read_yaml(path: Path) -> dict:
     return values
 
 
+def read_group(name: str, root: str | Path = ".") -> Any:
+    """The typed group ``name`` of ``root``'s params.yaml (for code outside the stages)."""
+    path = Path(root) / "params.yaml"
+    values = read_yaml(path)
+    if name not in values:
+        raise PipelineError(f"{path} has no '{name}'; add it (see the README's params table)")
+    return typed(schema_at(name), values[name], name)
+
+
 def set_values(project: Path, overrides: dict) -> None:
     """Set dotted keys (``{"balance.seed": 3}``) in ``project``'s params.yaml, as
     ``dvc exp run -S`` would (used by the tests and the benchmark)."""
@@ -538,8 +566,16 @@ def set_values(project: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
-def load(stage: str, root: str | Path = ".") -> DeclaredParams:
-    """Return the params ``stage`` declares, checked, with dotted keys nested as in params.yaml."""
+def typed(schema, value: Any, prefix: str = "") -> Any:
+    """``value`` checked against ``schema``, as the typed group (or value) itself."""
+    try:
+        return TypeAdapter(schema).validate_python(value)
+    except ValidationError as error:
+        raise PipelineError(_message(schema, prefix, error.errors()[0])) from None
+
+
+def load(stage: str, root: str | Path = ".") -> Declared:
+    """The params ``stage`` declares, checked and typed, dotted keys nested as in params.yaml."""
     root = Path(root)
     values = read_yaml(root / "params.yaml")
     declared: dict[str, Any] = {}
@@ -549,10 +585,15 @@ def load(stage: str, root: str | Path = ".") -> DeclaredParams:
             node = _lookup(values, key)
         except KeyError:
             raise PipelineError(f"params.yaml has no '{key}', which stage '{stage}' declares") from None
-        node = check(schema_at(key), node, key)
         parts = key.split(".")
         target = declared
         for part in parts[:-1]:
             target = target.setdefault(part, {})
-        target[parts[-1]] = node
-    return DeclaredParams(stage, declared)
+        target[parts[-1]] = typed(schema_at(key), node, key)
+
+    def wrap(values: dict, path: str) -> Declared:
+        # a plain dict here is a group declared in part (``balance.seed``); the leaves are typed
+        return Declared(stage, {key: wrap(value, f"{path}.{key}".lstrip(".")) if type(value) is dict else value
+                                for key, value in values.items()}, path)
+
+    return wrap(declared, "")

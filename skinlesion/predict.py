@@ -285,7 +285,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
         print(f"error: {error}", file=sys.stderr)
     if not len(scored):
         raise PipelineError(f"none of the {listed} image(s) of {source} could be read; nothing to score")
-    settings = {**params.Evaluate().model_dump(), "batch_size": batch_size, "mel_specificity": mel_specificity}
+    settings = params.Evaluate(batch_size=batch_size, mel_specificity=mel_specificity)
     evaluate.evaluate_split(predictor, scored, pixels, settings, metrics_path=out, plots_dir=None,
                             progress="score")
     log.info("wrote %s: %d image(s) scored, %d failed", out, len(scored), len(errors))

@@ -82,7 +82,7 @@ def suggest(trial, space: dict) -> dict:
 
 
 def member_seeds(root: Path, chosen: dict) -> list[int]:
-    return list(chosen.get("ensemble.seeds") or params.read_yaml(root / "params.yaml")["ensemble"]["seeds"])
+    return list(chosen.get("ensemble.seeds") or params.read_group("ensemble", root).seeds)
 
 
 def epoch_figures(root: Path, seed: int, objective: str) -> pd.Series:

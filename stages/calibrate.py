@@ -18,32 +18,32 @@ from skinlesion.files import write_csv, write_json
 
 
 def main(params):
-    settings, ensemble = params["calibrate"], params["ensemble"]
-    members = [Path(f"models/members/{seed}.pt") for seed in ensemble["seeds"]]
+    settings, ensemble = params.calibrate, params.ensemble
+    members = [Path(f"models/members/{seed}.pt") for seed in ensemble.seeds]
     device = inference.scoring_device()
-    model, info = modelfile.load_members(members, ensemble["combine"], device)
+    model, info = modelfile.load_members(members, ensemble.combine, device)
     val = read_manifest("data/split/val.csv")
     train = read_manifest("data/split/train.csv")
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
     # Every choice made on validation is made on float32 scores; the precision applies after.
     predictor = inference.TorchPredictor(model, {**info, "scoring": {"precision": "fp32"}}, device)
-    logits = predictor.view_logits(images, tta=settings["tta"], batch_size=settings["batch_size"],
+    logits = predictor.view_logits(images, tta=settings.tta, batch_size=settings.batch_size,
                                    progress="calibrate", patient=predictor.patient_rows(val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
-                                      tta=settings["tta"], adjust=settings["adjust"], method=settings["method"],
-                                      mel_sensitivity=settings["mel_sensitivity"], classes=info["classes"])
-    scoring = {**scoring, "precision": settings["precision"], "recheck": settings["recheck"]}
+                                      tta=settings.tta, adjust=settings.adjust, method=settings.method,
+                                      mel_sensitivity=settings.mel_sensitivity, classes=info["classes"])
+    scoring = {**scoring, "precision": settings.precision, "recheck": settings.recheck}
     train_images = prepared.images[prepared.rows(train["image_id"])]
     scored = inference.TorchPredictor(model, {**info, "scoring": scoring}, device)
     scope, scope_state = inference.fit_scope(
-        scored, settings["scope"], settings["scope_retention"], batch_size=settings["batch_size"],
+        scored, settings.scope, settings.scope_retention, batch_size=settings.batch_size,
         train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),
         val=(images, predictor.patient_rows(val)),
         val_probabilities=calibrate.probabilities(logits, scoring))
-    modelfile.save_ensemble(members, Path("models/model.pt"), ensemble["combine"], scoring, scope, scope_state)
+    modelfile.save_ensemble(members, Path("models/model.pt"), ensemble.combine, scoring, scope, scope_state)
     search = report.pop("tau_search")
-    write_json(Path("metrics/calibrate.json"), {"members": len(members), "combine": ensemble["combine"], **report,
+    write_json(Path("metrics/calibrate.json"), {"members": len(members), "combine": ensemble.combine, **report,
                                                 "scope": scope}, sort_keys=False)
     write_csv(Path("plots/calibrate/tau_search.csv"), pd.DataFrame(search))
     before, after = report["val_before"], report["val_after"]

@@ -7,8 +7,8 @@ from skinlesion.data import download
 
 
 def main(params):
-    settings = params["download"]
-    download.download(settings, out=Path("data/raw"), cache=Path(settings["cache_dir"]))
+    settings = params.download
+    download.download(settings, out=Path("data/raw"), cache=Path(settings.cache_dir))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from skinlesion.evaluation import evaluate, inference, subgroups
 
 
 def main(params):
-    settings = params["evaluate"]
+    settings = params.evaluate
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
     test = read_manifest("data/split/test.csv")

@@ -15,7 +15,7 @@ from skinlesion.files import atomic_dir, write_json
 
 
 def main(params):
-    settings = params["explain"]
+    settings = params.explain
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
     test = read_manifest("data/split/test.csv")
@@ -24,17 +24,17 @@ def main(params):
     images, masks = prepared.images[rows], prepared.masks[rows]
     has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
     labels = test["label"].to_numpy()
-    rng = np.random.default_rng(settings["seed"])
-    shown = {name: sorted(rng.choice(np.flatnonzero(labels == i), min(settings["per_class"], (labels == i).sum()),
+    rng = np.random.default_rng(settings.seed)
+    shown = {name: sorted(rng.choice(np.flatnonzero(labels == i), min(settings.per_class, (labels == i).sum()),
                                      replace=False).tolist()) for i, name in enumerate(CLASSES)}
-    scored, cams = explain.score_split(model.to(device), info, images, masks, has_mask, method=settings["method"],
-                                            batch_size=settings["batch_size"], device=device,
+    scored, cams = explain.score_split(model.to(device), info, images, masks, has_mask, method=settings.method,
+                                            batch_size=settings.batch_size, device=device,
                                             patient=predictor.patient_rows(info, test),
                                             keep={i for chosen in shown.values() for i in chosen}, progress="explain")
     summary = explain.summarise(scored, labels, CLASSES)
     # The metric people compare is the overall figure; the per-class break-down sits with the plots.
     layer = scored[0]["layer"] if scored else None
-    write_json(Path("metrics/explain.json"), {"method": settings["method"], "layer": layer, **summary["overall"]},
+    write_json(Path("metrics/explain.json"), {"method": settings.method, "layer": layer, **summary["overall"]},
                sort_keys=False)
     with atomic_dir(Path("plots/explain")) as out:
         write_json(out / "per_class.json", summary["per_class"])
@@ -42,7 +42,7 @@ def main(params):
                         scored=scored, cams=cams)
     overall = summary["overall"]
     logging.info("%s (at %s) on %d test images with masks: %.0f%% of heat-map energy on the lesion, "
-                 "pointing game %.0f%%", settings["method"], layer, overall["images"],
+                 "pointing game %.0f%%", settings.method, layer, overall["images"],
                  100 * overall.get("energy_in_lesion", float("nan")), 100 * overall.get("pointing_game", float("nan")))
 
 

@@ -15,16 +15,16 @@ from skinlesion.predict import decode_all
 
 
 def main(params):
-    listed = external.check_sources(params["external"]["sources"])
+    listed = external.check_sources(params.external.sources)
     results = {}
     with atomic_dir(Path("plots/external")) as plots:
         # never an empty folder: git keeps no empty folders, so a clone would miss this output
-        write_json(plots / "sources.json", listed)
+        write_json(plots / "sources.json", [entry.model_dump() for entry in listed])
         if listed:
             model, info = modelfile.load(Path("models/model.pt"))
-            sources = [external.locate(entry, params["external"]) for entry in listed]
+            sources = [external.locate(entry, params.external) for entry in listed]
             own = external.OwnData.of(Path("data/prepared"))
-            results = external.score_sources(model, info, sources, params["evaluate"], plots, decode_all, own)
+            results = external.score_sources(model, info, sources, params.evaluate, plots, decode_all, own)
     write_json(Path("metrics/external.json"), results, sort_keys=False)
     for name, result in results.items():
         logging.info("%s (%d images): balanced accuracy %.3f, accuracy %.3f, macro ROC AUC %.3f", name,

@@ -7,7 +7,7 @@ from skinlesion.data import prepare
 
 
 def main(params):
-    prepare.prepare(Path("data/raw"), Path("data/prepared"), params["prepare"]["image_size"])
+    prepare.prepare(Path("data/raw"), Path("data/prepared"), params.prepare.image_size)
 
 
 if __name__ == "__main__":

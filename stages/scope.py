@@ -17,7 +17,7 @@ from skinlesion.files import atomic_dir, write_json
 
 
 def main(params):
-    settings = params["scope"]
+    settings = params.scope
     model, info = modelfile.load(Path("models/model.pt"))
     device = inference.scoring_device()
     prepared = Prepared("data/prepared")
@@ -26,15 +26,15 @@ def main(params):
         train = read_manifest("data/split/train.csv")
         inference.attach_mahalanobis(predictor, (prepared.images[prepared.rows(train["image_id"])],
                                                  train["label"].to_numpy(), predictor.patient_rows(train)),
-                                     settings["batch_size"])
+                                     settings.batch_size)
     test = read_manifest("data/split/test.csv")
     rows = prepared.rows(test["image_id"])
     images = prepared.images[rows]
     has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
-    sets = {"far": scope_sets.far(info["image_size"], settings["per_kind"], settings["seed"]),
-            "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings["per_kind"], settings["seed"])}
+    sets = {"far": scope_sets.far(info["image_size"], settings.per_kind, settings.seed),
+            "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings.per_kind, settings.seed)}
     result, scored = scope_sets.measure(predictor, images, predictor.patient_rows(test), sets,
-                                        batch_size=settings["batch_size"])
+                                        batch_size=settings.batch_size)
     write_json(Path("metrics/scope.json"), result, sort_keys=False)
     with atomic_dir(Path("plots/scope")) as out:
         plots.score_histograms(scored, result.get("method"), result.get("threshold"), out / "scores.png")

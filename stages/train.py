@@ -28,14 +28,14 @@ def member_seed(arguments: list[str]) -> int:
 
 def main(params):
     seed = member_seed(sys.argv[1:])
-    nproc = params["train"]["nproc"]
-    if isinstance(nproc, int) and nproc > 1 and "LOCAL_RANK" not in os.environ:
+    nproc = params.train.nproc
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "stages.train", str(seed)]
         sys.exit(subprocess.call(command))
     data = train.load_data(Path("data/balanced"), Path("data/split"), Path("data/prepared"),
-                           metadata=params["train"]["metadata"])
-    config = {"model": params["model"], "models": params["models"], "train": {**params["train"], "seed": seed}}
+                           metadata=params.train.metadata)
+    config = train.Config(params.model, params.architecture, params.train, seed)
     train.fit(config, data, model_path=Path(f"models/members/{seed}.pt"), live_dir=Path(f"metrics/train/{seed}"),
               checkpoint_dir=Path(f"models/checkpoints/{seed}"))
 

@@ -24,6 +24,16 @@ os.environ["SKINLESION_PROGRESS"] = "0"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
 
+def group(name: str, **values):
+    """The typed param group ``name`` of the shipped params.yaml, with ``values`` changed."""
+    import yaml
+
+    from skinlesion import params
+
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))[name]
+    return params.typed(params.schema_at(name), {**shipped, **values}, name)
+
+
 @pytest.fixture(scope="session")
 def synthetic_zips(tmp_path_factory) -> Path:
     """A synthetic copy laid out like ../shared/ham10000: metadata CSV and two zips."""

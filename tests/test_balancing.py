@@ -9,9 +9,10 @@ import pytest
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import balance, metadata, split
 from skinlesion.data.augmentation import augment, build
+from skinlesion.params import Augment
 
-AUGMENT = {"rotate": 180, "scale": 0.1, "shift": 0.05, "hflip": True, "vflip": True,
-           "brightness": 0.15, "contrast": 0.15, "hue": 5, "saturation": 10}
+AUGMENT = Augment(rotate=180, scale=0.1, shift=0.05, hflip=True, vflip=True, brightness=0.15, contrast=0.15, hue=5,
+                  saturation=10)
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ import pytest
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import download
 from skinlesion.data.http import fetch
-from tests.conftest import make_project, run_stage, set_params
+from tests.conftest import group, make_project, run_stage, set_params
 
 DOI = "doi:10.7910/DVN/DBW86T"
 LISTING = "/api/datasets/:persistentId/versions/:latest-published/files?persistentId=doi%3A10.7910%2FDVN%2FDBW86T"
@@ -50,9 +50,9 @@ def serve_dataverse(server, source: Path, *, wrong_md5_for: str | None = None) -
     return files
 
 
-def dataverse_params(server, tmp_path, **extra) -> dict:
-    return {"source": "dataverse", "dataverse_server": server.url, "dataverse_doi": DOI,
-            "retries": 3, "max_unpacked_gb": 1, "path": "", **extra}
+def dataverse_params(server, tmp_path, **extra):
+    return group("download", source="dataverse", dataverse_server=server.url, dataverse_doi=DOI, retries=3,
+                 max_unpacked_gb=1, path="", **extra)
 
 
 def test_dataverse_download_verifies_and_shows_progress(http_server, synthetic_zips, tmp_path, capfd,
@@ -164,8 +164,8 @@ def serve_isic(server, source: Path, part: str = "Training") -> dict[str, bytes]
 
 def test_isic2018_source_records_hashes_and_catches_a_change(http_server, synthetic_zips, tmp_path):
     files = serve_isic(http_server, synthetic_zips)
-    params = {"source": "isic2018", "isic2018_url": f"{http_server.url}/2018", "retries": 1,
-              "max_unpacked_gb": 1, "path": ""}
+    params = group("download", source="isic2018", isic2018_url=f"{http_server.url}/2018", retries=1,
+                   max_unpacked_gb=1, path="")
     record = download.download(params, tmp_path / "raw", tmp_path / "cache")
 
     official = pd.read_csv(synthetic_zips / "HAM10000_metadata.csv").sort_values("image_id")

@@ -31,7 +31,7 @@ from skinlesion.data import download, patient
 from skinlesion.data.http import fetch
 from skinlesion.training import models
 from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS
-from tests.conftest import make_project, run_stage, set_params
+from tests.conftest import group, make_project, run_stage, set_params
 from tests.conftest import run_command as run
 from tests.test_bad_input import assert_one_line
 from tests.test_download import LISTING, dataverse_params, md5, serve_dataverse, serve_isic
@@ -159,8 +159,8 @@ def test_a_bad_first_isic_download_is_not_recorded_and_the_real_file_then_passes
     files = serve_isic(http_server, synthetic_zips)
     truth = "/2018/ISIC2018_Task3_Training_GroundTruth.zip"
     http_server.files[truth] = b"<html><body>503 Service Unavailable</body></html>"
-    params = {"source": "isic2018", "isic2018_url": f"{http_server.url}/2018", "retries": 1,
-              "max_unpacked_gb": 1, "path": ""}
+    params = group("download", source="isic2018", isic2018_url=f"{http_server.url}/2018", retries=1,
+                   max_unpacked_gb=1, path="")
     with pytest.raises(PipelineError, match="no checksum recorded; run again"):
         download.download(params, tmp_path / "raw", tmp_path / "cache")
     recorded = tmp_path / "cache/isic2018/SHA256SUMS"
@@ -529,7 +529,7 @@ def test_an_external_set_that_is_the_pipelines_own_data_is_named(tmp_path):
     from skinlesion.synthetic import make_dataset
 
     make_dataset(tmp_path / "ham", lesions_per_class=1, max_images_per_lesion=1)
-    download.download({"source": "local", "path": str(tmp_path / "ham"), "max_unpacked_gb": 1, "retries": 0},
+    download.download(group("download", source="local", path=str(tmp_path / "ham"), retries=0, max_unpacked_gb=1),
                       tmp_path / "raw", tmp_path / "cache")
     prepare(tmp_path / "raw", tmp_path / "prepared", 16)
     own = OwnData.of(tmp_path / "prepared")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from skinlesion import files
+from tests.conftest import group
 
 
 @contextlib.contextmanager
@@ -51,7 +52,7 @@ def test_prepared_data_follows_the_umask(tmp_path):
 
     synthetic.make_dataset(tmp_path / "source", lesions_per_class=1, max_images_per_lesion=1)
     with umask(0o022):
-        download.download({"source": "local", "path": str(tmp_path / "source"), "retries": 0, "max_unpacked_gb": 1},
+        download.download(group("download", source="local", path=str(tmp_path / "source"), retries=0, max_unpacked_gb=1),
                           tmp_path / "raw", tmp_path / "cache")
         prepare.prepare(tmp_path / "raw", tmp_path / "prepared", 16)
     for path in [tmp_path / "raw", tmp_path / "prepared", *(tmp_path / "raw").rglob("*"),

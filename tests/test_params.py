@@ -19,10 +19,16 @@ def test_loader_returns_only_declared_params(tmp_path):
         {"stages": {"a": {"cmd": "x", "params": ["split", "model", {"params.yaml": ["balance.seed"]}]}}}))
     shipped = yaml.safe_load((PROJECT / "params.yaml").read_text())
     loaded = params.load("a", tmp_path)
-    assert loaded == {"model": shipped["model"], "split": shipped["split"],
-                      "balance": {"seed": shipped["balance"]["seed"]}}
+    assert loaded.as_dict() == {"model": shipped["model"], "split": shipped["split"],
+                                "balance": {"seed": shipped["balance"]["seed"]}}
+    assert isinstance(loaded.split, params.Split) and loaded.split.seed == shipped["split"]["seed"]
+    assert loaded.balance.seed == shipped["balance"]["seed"]
     with pytest.raises(PipelineError, match="stage 'a' read param 'prepare', which dvc.yaml does not declare"):
-        loaded["prepare"]
+        _ = loaded.prepare
+    with pytest.raises(PipelineError, match="stage 'a' read param 'balance.strategy', which dvc.yaml does not"):
+        _ = loaded.balance.strategy
+    with pytest.raises(TypeError):  # no reading by string key
+        loaded["split"]
 
 
 def test_declared_but_absent_param_is_an_error(tmp_path):
@@ -33,15 +39,17 @@ def test_declared_but_absent_param_is_an_error(tmp_path):
 
 
 def test_every_stage_script_reads_only_its_own_groups():
-    """Each stage script subscripts ``params`` with group names; those must be exactly
-    what dvc.yaml declares for it (no more: reruns would be missed; no fewer: spurious reruns)."""
+    """Each stage script reads groups off ``params`` (``params.train``; ``params.architecture``
+    is ``models.${model}``); those must be exactly what dvc.yaml declares for it (no more:
+    reruns would be missed; no fewer: spurious reruns)."""
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     for name, spec in stages.items():
         script = PROJECT / "stages" / f"{name}.py"
         tree = ast.parse(script.read_text())
-        read = {node.slice.value for node in ast.walk(tree)
-                if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
-                and node.value.id == "params" and isinstance(node.slice, ast.Constant)}
+        read = {{"architecture": "models"}.get(node.attr, node.attr) for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params"}
+        assert not [node for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                    and isinstance(node.value, ast.Name) and node.value.id == "params"], f"stage {name}: params[...]"
         declared = {entry.split(".")[0] for entry in spec.get("params", [])}
         assert read == declared, f"stage {name}: reads {read}, declares {declared}"
         item = " ${item.seed}" if "matrix" in spec else ""  # train@SEED: one stage per member
@@ -121,7 +129,7 @@ def test_an_exponent_without_a_dot_is_a_number(tmp_path):
     text = (PROJECT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text.replace("  lr: 0.002", "  lr: 1e-3", 1))
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == "1e-3"
-    assert params.load("train", tmp_path)["train"]["lr"] == 0.001
+    assert params.load("train", tmp_path).train.lr == 0.001
 
 
 def test_only_the_chosen_models_settings_are_declared_and_checked(tmp_path):
@@ -133,12 +141,40 @@ def test_only_the_chosen_models_settings_are_declared_and_checked(tmp_path):
     shutil.copy(PROJECT / "params.yaml", tmp_path)
     set_params(tmp_path, {"model": "resnet18", "models.fixcaps.channels": -1})
     loaded = params.load("train", tmp_path)
-    assert list(loaded["models"]) == ["resnet18"]  # fixcaps' bad setting is not this run's business
+    assert list(loaded.as_dict()["models"]) == ["resnet18"]  # fixcaps' bad setting is not this run's business
+    assert loaded.architecture == params.Torchvision(**shipped_models()["resnet18"])
     set_params(tmp_path, {"model": "fixcaps"})
     with pytest.raises(PipelineError, match="models.fixcaps.channels is -1; expected a whole number >= 1"):
         params.load("train", tmp_path)
 
 
+def shipped_models() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())["models"]
+
+
 def test_the_shipped_params_pass_the_type_check():
     for stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]:
         params.load(stage, PROJECT)
+
+
+def test_defaults_exist_only_for_scoring_outside_the_pipeline_and_equal_params_yaml():
+    """A default that differs from params.yaml, or stands in for a missing key, would make a
+    stage run with a value nobody wrote: only ``evaluate`` and ``external`` have defaults
+    (for ``predict --score``), and they are the shipped values."""
+    from pydantic import BaseModel
+
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    found = []
+
+    def walk(model, values, path):
+        for name, info in model.model_fields.items():
+            dotted = f"{path}.{name}".lstrip(".")
+            if not info.is_required():
+                found.append(dotted)
+                assert info.default == values[name], f"{dotted}: default {info.default!r}, params.yaml {values[name]!r}"
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(values.get(name), dict):
+                walk(kind, values[name], dotted)
+
+    walk(params.Params, shipped, "")
+    assert found and {dotted.split(".")[0] for dotted in found} == {"evaluate", "external"}

@@ -9,12 +9,13 @@ from PIL import Image
 
 from skinlesion import PipelineError, params
 from skinlesion.data import download, prepare
+from tests.conftest import group
 
 
 @pytest.fixture(scope="module")
 def raw(synthetic_zips, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare")
-    download.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
+    download.download(group("download", source="local", path=str(synthetic_zips), retries=0, max_unpacked_gb=1),
                      root / "raw", root / "cache")
     return root / "raw"
 

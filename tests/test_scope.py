@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion import CLASSES, PipelineError, modelfile, params
 from skinlesion.app.server import Analyst
 from skinlesion.deployment import export, runtime
 from skinlesion.evaluation import inference, scope, scope_sets
@@ -202,7 +202,7 @@ def test_scored_sets_report_the_share_the_model_would_answer(tmp_path):
     frame = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(pixels))],
                           "lesion_id": [f"HAM_{i:07d}" for i in range(len(pixels))],
                           "label": np.arange(len(pixels)) % 7})
-    settings = {"batch_size": 16, "mel_specificity": 0.9, "bootstrap_resamples": 20, "bootstrap_seed": 0}
+    settings = params.Evaluate(batch_size=16, mel_specificity=0.9, bootstrap_resamples=20, bootstrap_seed=0)
     result = evaluate.evaluate_split(predictor, frame, pixels, settings, metrics_path=tmp_path / "m.json",
                                      plots_dir=None)
     expected = predictor.in_scope(predictor.scope_scores(pixels)).mean()

@@ -4,6 +4,7 @@ model, resumes exactly after an interruption, stops early, freezes and unfreezes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -16,16 +17,16 @@ import pytest
 import torch
 import yaml
 
-from skinlesion import PipelineError, modelfile
+from skinlesion import PipelineError, modelfile, params
 from skinlesion.data import balance, download, prepare, split
 from skinlesion.evaluation.metrics import headline
 from skinlesion.training import losses, train
 from skinlesion.training.devices import amp_dtype, cpu_has_bf16
 from skinlesion.training.loader import ArrayLoader
 from skinlesion.training.schedule import Schedule
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, group
 
-AUGMENT = yaml.safe_load((PROJECT / "params.yaml").read_text())["balance"]["augment"]
+AUGMENT = group("balance").augment
 DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
@@ -33,7 +34,7 @@ DEFAULTS = yaml.safe_load((PROJECT / "params.yaml").read_text())
 def data(synthetic_zips, tmp_path_factory) -> train.TrainData:
     """The data stages' real output for the synthetic set, at 32 px."""
     root = tmp_path_factory.mktemp("training")
-    download.download({"source": "local", "path": str(synthetic_zips), "retries": 0, "max_unpacked_gb": 1},
+    download.download(group("download", source="local", path=str(synthetic_zips), retries=0, max_unpacked_gb=1),
                      root / "raw", root / "cache")
     prepare.prepare(root / "raw", root / "prepared", 32)
     manifests = split.split(pd.read_csv(root / "raw/metadata.csv", dtype=str), 0.15, 0.15, seed=0)
@@ -49,13 +50,14 @@ def data(synthetic_zips, tmp_path_factory) -> train.TrainData:
     return train.load_data(root / "balanced", root / "split", root / "prepared")
 
 
-def config(model="simple_cnn", **train) -> dict:
-    settings = {**copy.deepcopy(DEFAULTS["train"]), "seed": DEFAULTS["ensemble"]["seeds"][0]}
+def config(model="simple_cnn", **train_settings) -> train.Config:
+    settings = copy.deepcopy(DEFAULTS["train"])
     # flips, plain shuffling and images alone, whatever the default recipe: these tests are about the loop
     settings.update({"epochs": 2, "batch_size": 16, "lr": 0.003, "augment": "flips", "sampler": "shuffle",
                      "ema": 0.0, "select": "balanced_accuracy", "early_stopping_patience": 5, "metadata": False,
-                     **train})
-    return {"model": model, "models": DEFAULTS["models"], "train": settings}
+                     **train_settings})
+    return train.Config(model, params.typed(params.schema_at(f"models.{model}"), DEFAULTS["models"][model]),
+                        params.Train(**settings), DEFAULTS["ensemble"]["seeds"][0])
 
 
 def fit(tmp_path, cfg, **kwargs) -> dict:
@@ -117,6 +119,11 @@ def test_killed_run_resumes_exactly(data, tmp_path, ema, mix):
     done = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["state"]["epoch"]
     assert 1 <= done < 30
     (tmp_path / "cut/model.pt").unlink(missing_ok=True)  # as DVC does to a stage's outputs before rerunning it
+    # as if the kill had come while DVCLive wrote: its summary cut short, a row past the checkpoint's epoch
+    state = tmp_path / "cut/checkpoints/live"
+    (state / "metrics.json").write_text("{")
+    curve = state / "plots/metrics/val/loss.tsv"
+    curve.write_text(curve.read_text() + curve.read_text().splitlines()[-1] + "\n")
     summary = fit(tmp_path / "cut", cfg, data=data)
     assert summary["epochs_run"] == 30
     assert (tmp_path / "cut/model.pt").read_bytes() == (tmp_path / "whole/model.pt").read_bytes()
@@ -136,8 +143,10 @@ def test_a_changed_config_starts_over_instead_of_resuming(data, tmp_path, caplog
 
 
 def test_early_stopping_on_validation(data, tmp_path):
-    summary = fit(tmp_path, config(epochs=6, lr=0.0, scheduler="none", warmup_epochs=0,
-                                   early_stopping_patience=2), data=data)
+    cfg = config(epochs=6, scheduler="none", warmup_epochs=0, early_stopping_patience=2)
+    # lr 0, which params.yaml refuses (train.lr > 0), so that the weights stand still
+    cfg = dataclasses.replace(cfg, train=cfg.train.model_copy(update={"lr": 0.0}))
+    summary = fit(tmp_path, cfg, data=data)
     assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data.augmentation import augment, build
 from skinlesion.files import stable_seed
+from skinlesion.params import Augment
 from skinlesion.progress import bar
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def plan(train: pd.DataFrame, strategy: str, target, seed: int) -> pd.DataFrame:
     return result.loc[:, PLAN_COLUMNS].reset_index(drop=True)
 
 
-def render(planned: pd.DataFrame, images: np.ndarray, rows: np.ndarray, augment_params: dict,
+def render(planned: pd.DataFrame, images: np.ndarray, rows: np.ndarray, augment_params: Augment,
            seed: int) -> np.ndarray:
     """The balanced images, in plan order: originals copied, copies augmented."""
     pipeline = build(augment_params)

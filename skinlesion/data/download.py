@@ -21,30 +21,31 @@ from skinlesion.data.checksums import verify_local_checksums
 from skinlesion.data.dataverse import download_dataverse
 from skinlesion.data.isic2018 import ISIC2018_FILES, download_isic2018, isic2018_metadata
 from skinlesion.files import atomic_dir, scratch_dir
+from skinlesion.params import Download
 
 log = logging.getLogger(__name__)
 
 
 
-def download(params: dict, out: Path, cache: Path) -> dict:
+def download(params: Download, out: Path, cache: Path) -> dict:
     """Bring the source that ``params`` (the ``download`` group) names into ``out``.
 
     ``out`` appears only complete: everything is built in a temporary folder beside
     it and renamed at the end.
     """
-    source = params["source"]
-    max_bytes = int(float(params["max_unpacked_gb"]) * 2**30)
-    retries = int(params["retries"])
+    source = params.source
+    max_bytes = int(params.max_unpacked_gb * 2**30)
+    retries = params.retries
     extra: dict = {}
     used: list[str] = []
     metadata_frame = None
     session = requests.Session()
     cache = Path(cache)
     if source == "local":
-        if not params.get("path"):
+        if not params.path:
             raise PipelineError("download.source is 'local' but download.path is empty; set it to "
                                 "a folder or zip in HAM10000 layout")
-        location = Path(params["path"]).expanduser()
+        location = Path(params.path).expanduser()
         if not location.exists():
             raise PipelineError(f"download.path {location} does not exist")
         paths = [location]
@@ -54,11 +55,11 @@ def download(params: dict, out: Path, cache: Path) -> dict:
             if verified:
                 info["sha256_verified"] = verified
     elif source == "dataverse":
-        paths, extra = download_dataverse(params["dataverse_server"], params["dataverse_doi"],
+        paths, extra = download_dataverse(params.dataverse_server, params.dataverse_doi,
                                           cache / "dataverse", retries=retries, session=session)
-        info = {"kind": "dataverse", "doi": params["dataverse_doi"], **extra}
+        info = {"kind": "dataverse", "doi": params.dataverse_doi, **extra}
     else:
-        paths, extra = download_isic2018(params["isic2018_url"], cache / "isic2018",
+        paths, extra = download_isic2018(params.isic2018_url, cache / "isic2018",
                                          retries=retries, session=session)
         by_name = {p.name: p for p in paths}
         metadata_frame = isic2018_metadata(by_name[ISIC2018_FILES[1]], by_name[ISIC2018_FILES[2]])

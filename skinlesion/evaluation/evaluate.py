@@ -15,31 +15,32 @@ from skinlesion import CLASSES, plots
 from skinlesion.evaluation import calibrate, metrics, subgroups
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import atomic_dir, write_csv, write_json
+from skinlesion.params import Evaluate
 
 
-def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray, settings: dict, *,
+def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray, settings: Evaluate, *,
                    metrics_path: Path, plots_dir: Path | None, progress: str | None = None) -> dict:
     """Score ``frame`` (image_id, lesion_id, label; ``images`` in its order) with ``predictor``
     (skinlesion.evaluation.predictor): writes the headline metrics to ``metrics_path`` and
     the details and plots under ``plots_dir``."""
     how = predictor.scoring
-    logits, probabilities, scores = predictor.answer(images, batch_size=settings["batch_size"], progress=progress,
+    logits, probabilities, scores = predictor.answer(images, batch_size=settings.batch_size, progress=progress,
                                                      patient=predictor.patient_rows(frame))  # None: no metadata
     uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
     labels = frame["label"].to_numpy()
     result, details = metrics.report(labels, probabilities, frame["lesion_id"].to_numpy(), uncalibrated=uncalibrated,
                                      mel_threshold=how.get("mel_threshold"),
-                                     mel_specificity=settings["mel_specificity"],
-                                     resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"])
+                                     mel_specificity=settings.mel_specificity,
+                                     resamples=settings.bootstrap_resamples, seed=settings.bootstrap_seed)
     in_scope = predictor.in_scope(scores)
     if in_scope is not None:  # the share the model would answer (the rest: "not like the training data")
         result["in_scope"] = round(float(in_scope.mean()), 4) if len(in_scope) else None
     write_json(metrics_path, result, sort_keys=False)  # the headline first, as `dvc exp show` lists it
     if plots_dir is not None:
         groups = subgroups.table(frame, labels, probabilities, frame["lesion_id"].to_numpy(),
-                                 resamples=settings["bootstrap_resamples"], seed=settings["bootstrap_seed"],
+                                 resamples=settings.bootstrap_resamples, seed=settings.bootstrap_seed,
                                  mel_threshold=how.get("mel_threshold"))
-        write_plots(plots_dir, frame, probabilities, images, settings["grid_per_class"], settings["seed"],
+        write_plots(plots_dir, frame, probabilities, images, settings.grid_per_class, settings.seed,
                     details=details, uncalibrated=uncalibrated, groups=groups,
                     overall=result["balanced_accuracy"])
     return result

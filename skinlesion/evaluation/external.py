@@ -20,6 +20,7 @@ from skinlesion import CLASSES, PipelineError
 from skinlesion.data import archives, assemble, isic2018
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation import evaluate, inference
+from skinlesion.params import Evaluate, External, ExternalSource
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 64 * 2**30
@@ -34,32 +35,32 @@ class Source:
     used: list[str] = field(default_factory=list)  # files read for the labels, not images
 
 
-def check_sources(sources: list[dict]) -> list[dict]:
+def check_sources(sources: list[ExternalSource]) -> list[ExternalSource]:
     """``external.sources`` (already typed by the params layer): names distinct, paths there."""
     seen = set()
     for number, entry in enumerate(sources, 1):
-        name = entry["name"]
+        name = entry.name
         if name in seen:
             raise PipelineError(f"params.yaml: external.sources item {number} repeats the name {name!r}; "
                                 f"give each set its own name")
-        if entry["path"] and not Path(entry["path"]).expanduser().exists():
-            raise PipelineError(f"params.yaml: external.sources item {number} ({name}): {entry['path']} "
+        if entry.path and not Path(entry.path).expanduser().exists():
+            raise PipelineError(f"params.yaml: external.sources item {number} ({name}): {entry.path} "
                                 f"does not exist")
         seen.add(name)
     return sources
 
 
-def locate(entry: dict, settings: dict) -> Source:
+def locate(entry: ExternalSource, settings: External) -> Source:
     """The files of one listed set; a ``download`` set is fetched into the cache first
     (resumably, its SHA-256 recorded and later checked, as the download stage does)."""
-    if entry["path"]:
-        return Source(entry["name"], [Path(entry["path"]).expanduser()])
-    cache = Path(settings["cache_dir"]) / entry["download"]
-    paths, _ = isic2018.download_isic2018(settings["isic2018_url"], cache, retries=int(settings["retries"]),
+    if entry.path:
+        return Source(entry.name, [Path(entry.path).expanduser()])
+    cache = Path(settings.cache_dir) / entry.download
+    paths, _ = isic2018.download_isic2018(settings.isic2018_url, cache, retries=settings.retries,
                                           session=requests.Session(), files=isic2018.ISIC2018_TEST_FILES)
     images, truth = paths
-    log.info("%s: no lesion groupings are published for it, so its intervals resample images", entry["name"])
-    return Source(entry["name"], [images], isic2018.isic2018_metadata(truth, None))
+    log.info("%s: no lesion groupings are published for it, so its intervals resample images", entry.name)
+    return Source(entry.name, [images], isic2018.isic2018_metadata(truth, None))
 
 
 def load_labelled(paths: list[Path], size: int, decode_all, *, metadata: pd.DataFrame | None = None,
@@ -125,7 +126,7 @@ def shared_with(own: OwnData, frame: pd.DataFrame, pixels: np.ndarray) -> dict:
             "by_lesion_id": int(by_lesion.sum()), "by_pixels": int(by_pixels.sum())}
 
 
-def score_sources(model, info: dict, sources: list[Source], settings: dict, out: Path, decode_all,
+def score_sources(model, info: dict, sources: list[Source], settings: Evaluate, out: Path, decode_all,
                   own: OwnData | None = None) -> dict[str, dict]:
     """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name.
     With ``own``, each result says how many of its images are the pipeline's own data, and a

@@ -27,7 +27,7 @@ from skinlesion.data import patient
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation.metrics import headline
 from skinlesion.files import atomic_dir, atomic_path
-from skinlesion.params import REGISTRY
+from skinlesion.params import REGISTRY, Group, Train
 from skinlesion.progress import bar
 from skinlesion.training import losses, mixing, models
 from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
@@ -39,6 +39,19 @@ from skinlesion.untrusted import shown
 log = logging.getLogger(__name__)
 
 NO_HEAD = {"hidden": 0, "dropout": 0.0}  # for architectures without a head setting (FixCaps)
+
+
+# --- what one member trains with -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """One member's recipe: the architecture (``model``), its ``models.<model>``
+    settings, the ``train`` group, and the member's seed (one of ``ensemble.seeds``)."""
+
+    model: str
+    settings: Group
+    train: Train
+    seed: int
 
 
 # --- data ------------------------------------------------------------------------
@@ -127,8 +140,9 @@ class Run:
     """Everything one training run works with."""
 
     name: str
-    train: dict
-    settings: dict
+    train: Train
+    seed: int
+    settings: dict  # the architecture's settings without its head, as the model file records them
     head: dict
     data: TrainData
     ranks: Ranks
@@ -153,12 +167,12 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return fingerprint({"model": self.name, "settings": self.settings, "head": self.head, "train": self.train},
-                           self.data)
+        return fingerprint({"model": self.name, "settings": self.settings, "head": self.head,
+                            "train": {**self.train.model_dump(), "seed": self.seed}}, self.data)
 
 
-def _device(train: dict, ranks: Ranks) -> torch.device:
-    device = pick_device(train["device"])
+def _device(train: Train, ranks: Ranks) -> torch.device:
+    device = pick_device(train.device)
     if device.type == "cuda" and ranks.world > 1:
         if ranks.local >= torch.cuda.device_count():
             raise PipelineError(f"train.nproc is {ranks.world} but only {torch.cuda.device_count()} GPU(s) are visible")
@@ -167,52 +181,51 @@ def _device(train: dict, ranks: Ranks) -> torch.device:
     return device
 
 
-def set_up(config: dict, data: TrainData, ranks: Ranks) -> Run:
+def set_up(config: Config, data: TrainData, ranks: Ranks) -> Run:
     """The model, loaders, loss, optimiser, schedule and weight average for ``config``."""
-    name = config["model"]
-    train = dict(config["train"])
-    settings = dict((config.get("models") or {}).get(name) or {})
+    name, train, seed = config.model, config.train, config.seed
+    settings = config.settings.model_dump()
     head = settings.pop("head", NO_HEAD)
     device = _device(train, ranks)
     ranks.start(device)
     if not ranks.main:
         log.setLevel(logging.WARNING)
-    seed_everything(train["seed"], train["deterministic"], device)
-    if train["metadata"] != (data.train_patient is not None):
+    seed_everything(seed, train.deterministic, device)
+    if train.metadata != (data.train_patient is not None):
         raise PipelineError("train.metadata and the data loaded disagree; load the metadata with the train split")
     model = models.build(name, num_classes=len(CLASSES), image_size=data.image_size, settings=settings,
-                         head=head, pretrained=train["pretrained"], weights_path=train["weights_path"],
-                         patient_width=patient.width(patient.encoding()) if train["metadata"] else 0)
-    amp = amp_dtype(train["precision"], device)
+                         head=head, pretrained=train.pretrained, weights_path=train.weights_path,
+                         patient_width=patient.width(patient.encoding()) if train.metadata else 0)
+    amp = amp_dtype(train.precision, device)
     model = models.channels_last(model.to(device))
-    if train["freeze"] and not REGISTRY[name].pretrained:
+    if train.freeze and not REGISTRY[name].pretrained:
         raise PipelineError(f"train.freeze needs a pretrained backbone; {name} has none")
     net = model
     if ranks.world > 1:  # DDP wraps the model for training steps; saving and evaluation use the plain module
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train["freeze"])
-    weights = sampling_weights(data.train_labels, train["sampler"])
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=train.freeze)
+    weights = sampling_weights(data.train_labels, train.sampler)
     common = {"mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "device": device,
               "rank": ranks.rank, "world": ranks.world}
-    train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train["batch_size"],
-                               shuffle=True, augment=train["augment"], seed=train["seed"], weights=weights,
+    train_loader = ArrayLoader(data.train_images, data.train_labels, batch_size=train.batch_size,
+                               shuffle=True, augment=train.augment, seed=seed, weights=weights,
                                patient=data.train_patient, **common)
-    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train["batch_size"],
+    val_loader = ArrayLoader(data.val_images, data.val_labels, batch_size=2 * train.batch_size,
                              patient=data.val_patient, **common)
-    criterion = losses.build(train["loss"], weighted=train["class_weights"], label_smoothing=train["label_smoothing"],
-                             gamma=train["focal_gamma"], labels=data.train_labels, num_classes=len(CLASSES),
-                             logit_adjust=train["logit_adjust"],
+    criterion = losses.build(train.loss, weighted=train.class_weights, label_smoothing=train.label_smoothing,
+                             gamma=train.focal_gamma, labels=data.train_labels, num_classes=len(CLASSES),
+                             logit_adjust=train.logit_adjust,
                              prior=sampled_prior(data.train_labels, weights, len(CLASSES))).to(device)
-    optimizer = make_optimizer(train["optimizer"], model.parameters(), train["lr"], train["weight_decay"],
-                               train["momentum"])
-    schedule = Schedule(optimizer, train["scheduler"], train["lr"], train["epochs"], len(train_loader),
-                        train["warmup_epochs"])
+    optimizer = make_optimizer(train.optimizer, model.parameters(), train.lr, train.weight_decay,
+                               train.momentum)
+    schedule = Schedule(optimizer, train.scheduler, train.lr, train.epochs, len(train_loader),
+                        train.warmup_epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     ema = None
-    if train["ema"]:
+    if train.ema:
         ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train["ema"]), use_buffers=True)
-    return Run(name, train, settings, head, data, ranks, device, amp, model, net, ema, train_loader, val_loader,
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train.ema), use_buffers=True)
+    return Run(name, train, seed, settings, head, data, ranks, device, amp, model, net, ema, train_loader, val_loader,
                criterion, optimizer, schedule, scaler)
 
 
@@ -235,12 +248,13 @@ def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> boo
             run.scaler.load_state_dict(saved["scaler"])
             torch.set_rng_state(saved["torch_rng"])
             run.state.update(saved["state"])
+            _restore_live(Path(checkpoint).parent / "live", saved.get("live"))
             resumed = True
         except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways; training starts over
             _set_aside(checkpoint, error)
             return None  # part of it went into ``run``: the caller sets up afresh
         if resumed:
-            log.info("resuming from the checkpoint after epoch %d of %d", run.state["epoch"], run.train["epochs"])
+            log.info("resuming from the checkpoint after epoch %d of %d", run.state["epoch"], run.train.epochs)
     if not resumed and run.ranks.main:
         checkpoint.unlink(missing_ok=True)
         best_copy.unlink(missing_ok=True)
@@ -252,6 +266,17 @@ def resume(run: Run, checkpoint: Path, best_copy: Path, model_path: Path) -> boo
         with atomic_path(model_path) as tmp:
             shutil.copyfile(best_copy, tmp)
     return resumed
+
+
+def _restore_live(live_state: Path, files: dict[str, bytes] | None) -> None:
+    """DVCLive's folder put back as the checkpoint recorded it (what it held at that epoch)."""
+    if not files:
+        return
+    with atomic_dir(live_state) as out:
+        for name, content in files.items():
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
 
 
 def _read_checkpoint(path: Path) -> dict | None:
@@ -274,8 +299,13 @@ def _set_aside(path: Path, error: BaseException) -> None:
                 path, shown(reason, 120), kept)
 
 
-def save_checkpoint(run: Run, path: Path, finished: bool) -> None:
-    payload = {"run": run.run_id, "finished": finished, "model": run.model.state_dict(),
+def save_checkpoint(run: Run, path: Path, finished: bool, live_state: Path | None = None) -> None:
+    """The run so far, in one file written in one step; with ``live_state``, DVCLive's
+    folder as it stands goes in too, so that a resumed run's curves match its epoch even
+    when the kill came while DVCLive was writing."""
+    live = {} if live_state is None else {str(file.relative_to(live_state)): file.read_bytes()
+                                           for file in sorted(Path(live_state).rglob("*")) if file.is_file()}
+    payload = {"run": run.run_id, "finished": finished, "model": run.model.state_dict(), "live": live,
                **({} if run.ema is None else {"ema": run.ema.state_dict()}),
                "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
                "scaler": run.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "state": run.state}
@@ -287,7 +317,7 @@ def save_checkpoint(run: Run, path: Path, finished: bool) -> None:
 
 def _set_frozen(run: Run, epoch: int) -> None:
     train = run.train
-    frozen = train["freeze"] and not (0 < train["unfreeze_after_epochs"] < epoch)
+    frozen = train.freeze and not (0 < train.unfreeze_after_epochs < epoch)
     for parameter in run.model.backbone.parameters():
         parameter.requires_grad_(not frozen)
     run.model.train()
@@ -301,9 +331,9 @@ def train_epoch(run: Run, epoch: int) -> dict:
     run.train_loader.set_epoch(epoch)
     started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
     predictions, targets = [], []
-    progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train['epochs']}", unit="batch", leave=False,
+    progress = bar(run.train_loader, desc=f"epoch {epoch}/{run.train.epochs}", unit="batch", leave=False,
                    disable=None if run.ranks.main else True)
-    mixer = mixing.Mixer(run.train["mixup"], run.train["cutmix"], run.train["seed"], epoch)
+    mixer = mixing.Mixer(run.train.mixup, run.train.cutmix, run.seed, epoch)
     for batch, (images, labels, *patient_rows) in enumerate(progress, 1):
         mixed = mixer(images, labels, patient_rows) if mixer.active else None
         if mixed is not None:
@@ -315,8 +345,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
         value = loss.item()
         if not math.isfinite(value):
             raise PipelineError(f"the training loss is {value} at epoch {epoch}, batch {batch} (train.lr is "
-                                f"{run.train['lr']:g}): training diverged; lower train.lr (e.g. to "
-                                f"{run.train['lr'] / 10:g}) and run again")
+                                f"{run.train.lr:g}): training diverged; lower train.lr (e.g. to "
+                                f"{run.train.lr / 10:g}) and run again")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
@@ -382,7 +412,7 @@ def keep_best(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_
     decide early stopping. Every rank keeps the same state (the scores are already
     reduced), so all of them leave the loop at the same epoch. Returns whether to stop."""
     state, train = run.state, run.train
-    score = selection_score(val_scores, train["select"])
+    score = selection_score(val_scores, train.select)
     run.schedule.epoch_end(score)
     if live is not None:
         live.step = epoch
@@ -399,20 +429,20 @@ def keep_best(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_
                            head=run.head, classes=CLASSES, image_size=run.data.image_size,
                            mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD,
                            training={"epoch": epoch, **state["best"]},
-                           patient=patient.encoding() if train["metadata"] else None)
+                           patient=patient.encoding() if train.metadata else None)
             with atomic_path(best_copy) as tmp:
                 shutil.copyfile(model_path, tmp)
     else:
         state["stale"] += 1
     state["epoch"] = epoch
     log.info("epoch %d/%d  train loss %.3f bal.acc %.3f | val loss %.3f bal.acc %.3f acc %.3f auc %.3f%s  (%.0f img/s)",
-             epoch, train["epochs"], train_scores["loss"], train_scores["balanced_accuracy"], val_scores["loss"],
+             epoch, train.epochs, train_scores["loss"], train_scores["balanced_accuracy"], val_scores["loss"],
              val_scores["balanced_accuracy"], val_scores["accuracy"], val_scores["macro_auc"],
              "  *best" if improved else "", train_scores["images_per_second"])
-    patience = train["early_stopping_patience"]
+    patience = train.early_stopping_patience
     stop = patience > 0 and state["stale"] >= patience
     if stop:
-        log.info("early stop: no better validation %s for %d epochs", train["select"], patience)
+        log.info("early stop: no better validation %s for %d epochs", train.select, patience)
     return stop
 
 
@@ -438,8 +468,8 @@ def publish(live_state: Path, live_dir: str | Path) -> None:
         shutil.copytree(live_state, out, dirs_exist_ok=True)
 
 
-def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, checkpoint_dir: Path) -> dict:
-    """Train ``config["model"]`` with ``config["models"][model]`` and ``config["train"]``.
+def fit(config: Config, data: TrainData, *, model_path: Path, live_dir: Path, checkpoint_dir: Path) -> dict:
+    """Train ``config.model`` with its settings, ``config.train`` and ``config.seed``.
 
     Writes the best model to ``model_path``, DVCLive logs to ``live_dir``, and the
     per-epoch checkpoint to ``checkpoint_dir/last.pt``. Returns the summary.
@@ -467,15 +497,15 @@ def fit(config: dict, data: TrainData, *, model_path: Path, live_dir: Path, chec
     live = Live(dir=str(live_state), resume=resumed, dvcyaml=False, save_dvc_exp=False, report=None) \
         if ranks.main else None
     try:
-        for epoch in range(run.state["epoch"] + 1, run.train["epochs"] + 1):
+        for epoch in range(run.state["epoch"] + 1, run.train.epochs + 1):
             started = time.perf_counter()
             train_scores = train_epoch(run, epoch)
             val_scores = validate(run)
             run.state["wall_seconds"] += time.perf_counter() - started
             stop = keep_best(run, epoch, train_scores, val_scores, model_path, best_copy, live)
             if ranks.main:
-                save_checkpoint(run, checkpoint, finished=stop or epoch == run.train["epochs"])
                 live.make_summary()
+                save_checkpoint(run, checkpoint, finished=stop or epoch == run.train.epochs, live_state=live_state)
                 publish(live_state, live_dir)
             if stop:
                 break
