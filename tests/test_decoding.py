@@ -14,6 +14,7 @@ from PIL import Image
 from skinlesion import PipelineError, predict, synthetic
 from skinlesion.data import archives, images, prepare
 from skinlesion.data import download as sources
+from tests.conftest import group
 
 SIZE = 32
 
@@ -76,7 +77,7 @@ def source(tmp_path_factory):
 
 def through_the_pipeline(source, tmp_path) -> tuple[np.ndarray | None, str | None]:
     """The download stage's check, then prepare: the victim's prepared pixels, or the reason it was refused."""
-    params = {"source": "local", "path": str(source), "retries": 0, "max_unpacked_gb": 1}
+    params = group("download", source="local", path=str(source), retries=0, max_unpacked_gb=1)
     try:
         sources.download(params, tmp_path / "raw", tmp_path / "cache")
         prepare.prepare(tmp_path / "raw", tmp_path / "prepared", SIZE)

@@ -14,12 +14,14 @@ import pytest
 from skinlesion import PipelineError, params
 from skinlesion.data.download import download as download_source
 from skinlesion.files import file_digest
+from tests.conftest import group
 
 PARAMS = {"source": "local", "retries": 0, "max_unpacked_gb": 1}
 
 
 def download(path: Path, tmp_path: Path, **extra) -> dict:
-    return download_source({**PARAMS, "path": str(path), **extra}, tmp_path / "raw", tmp_path / "cache")
+    return download_source(group("download", **{**PARAMS, "path": str(path), **extra}), tmp_path / "raw",
+                           tmp_path / "cache")
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -152,7 +154,7 @@ def test_unknown_source_and_missing_path(tmp_path):
                                                       "dataverse_doi": "", "isic2018_url": "", "cache_dir": ""},
                      "download")
     with pytest.raises(PipelineError, match="download.path is empty"):
-        download_source({**PARAMS, "path": ""}, tmp_path / "raw", tmp_path)
+        download_source(group("download", **PARAMS, path=""), tmp_path / "raw", tmp_path)
     with pytest.raises(PipelineError, match="does not exist"):
         download(tmp_path / "nowhere", tmp_path)
 
