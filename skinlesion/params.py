@@ -235,7 +235,7 @@ class Ensemble(Group):
 class Calibrate(Group):
     tta: Literal[TTA]
     adjust: Literal["none", "balanced_accuracy", "mean_accuracy"]
-    method: Literal["none", "temperature"]
+    method: Literal["none", "temperature", "auto"]
     mel_sensitivity: Fraction
     scope: Literal["none", "msp", "energy", "mahalanobis"]
     scope_retention: Fraction
