@@ -49,7 +49,7 @@ def main(params):
     write_csv(Path("plots/calibrate/tau_search.csv"), pd.DataFrame(search))
     before, after = report["val_before"], report["val_after"]
     chosen = report.get("method_selection")
-    if chosen:
+    if chosen and chosen["held_out"]:
         held = chosen["held_out"]
         logging.info("calibration chosen on validation: %s (held-out top-label ECE %.4f with temperature scaling, "
                      "%.4f without)", chosen["chosen"], held["temperature"]["ece"], held["none"]["ece"])

@@ -153,6 +153,7 @@ def test_auto_declines_a_temperature_that_log_loss_wants_but_that_raises_the_ece
     scoring, report = calibrate.fit(logits[None], labels, labels, tta="none", adjust="none", method="auto",
                                     mel_sensitivity=0.9, classes=CLASSES, lesions=lesions)
     assert scoring["method"] == "none" and scoring["temperature"] == 1.0 and report["method_chosen"] == "none"
+    assert calibrate.choose_method(logits[None], labels, np.zeros(len(labels)), {"tau": 0.0})[0] == "none"
     with pytest.raises(PipelineError, match="lesion_id"):
         calibrate.fit(logits[None], labels, labels, tta="none", adjust="none", method="auto", mel_sensitivity=0.9,
                       classes=CLASSES)

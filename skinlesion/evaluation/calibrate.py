@@ -18,6 +18,8 @@ so that `evaluate`, `explain` and the prediction command all answer alike:
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
@@ -26,6 +28,8 @@ from sklearn.model_selection import GroupKFold
 
 from skinlesion import PipelineError
 from skinlesion.evaluation.metrics import classwise_ece, expected_calibration_error
+
+log = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.arange(-1.0, 2.0001, 0.05), 2)
 IDENTITY = {"tta": "none", "tau": 0.0, "log_prior": None, "temperature": 1.0}
@@ -101,9 +105,10 @@ def choose_method(view_logits: np.ndarray, labels: np.ndarray, lesions: np.ndarr
     the class-wise ECE and log-loss of both are reported beside it."""
     labels, lesions = np.asarray(labels), np.asarray(lesions).astype(str)
     groups = len(set(lesions))
-    if groups < 2:
-        raise PipelineError("calibrate.method auto needs validation images of at least two lesions; "
-                            "set calibrate.method to temperature or none")
+    if groups < 2:  # nothing to hold out: no evidence that it helps, so it is not applied
+        log.warning("calibrate.method auto: the validation split has %d lesion(s), too few to check temperature "
+                    "scaling on lesions held out from its fit; it is not applied", groups)
+        return "none", {"folds": 0, "fold_temperatures": [], "held_out": None, "chosen": "none"}
     held = {"none": np.zeros((len(labels), view_logits.shape[-1])), "temperature": None}
     held["temperature"] = held["none"].copy()
     temperatures = []
