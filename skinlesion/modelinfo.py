@@ -36,6 +36,8 @@ class Scoring(_Strict):
     # how the PyTorch path scores it (skinlesion.evaluation.inference.scoring_dtype); ONNX: float32
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     recheck: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.02
+    # the calibration chosen on validation (temperature: ``temperature`` applies; none: it is 1); None: not recorded
+    method: Literal["none", "temperature"] | None = None
 
 
 class Scope(_Strict):

@@ -235,7 +235,7 @@ class Ensemble(Group):
 class Calibrate(Group):
     tta: Literal[TTA]
     adjust: Literal["none", "balanced_accuracy", "mean_accuracy"]
-    method: Literal["none", "temperature"]
+    method: Literal["none", "temperature", "auto"]
     mel_sensitivity: Fraction
     scope: Literal["none", "msp", "energy", "mahalanobis"]
     scope_retention: Fraction
@@ -246,7 +246,7 @@ class Calibrate(Group):
 
 class Evaluate(Group):
     # The defaults are the shipped params.yaml's (a test holds them equal), for scoring
-    # outside the pipeline (python -m skinlesion.predict --score) to give the evaluate
+    # outside the pipeline (python -m skinlesion.score) to give the evaluate
     # stage's numbers. No other group has defaults: a key missing from params.yaml is an error.
     mel_specificity: Fraction = 0.9
     bootstrap_resamples: Count = 1000

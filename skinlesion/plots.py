@@ -132,6 +132,34 @@ def curves_png(curves: dict[str, list[dict]], x: str, y: str, path: str | Path, 
     save_figure(figure, path)
 
 
+def reliability_png(curves: dict[str, list[dict]], path: str | Path, title: str) -> None:
+    """Accuracy against mean confidence per bin, one line per scoring, with the accuracy's
+    interval as error bars where the rows have one; the grey bars under them count the
+    images per bin of the first scoring (a point over few images says little)."""
+    figure, (axis, counts) = plt.subplots(2, 1, figsize=(6, 6.5), sharex=True, height_ratios=(4, 1))
+    for offset, (name, rows) in enumerate(curves.items()):
+        x = np.array([r["confidence"] for r in rows], dtype=float) + 0.004 * offset  # side by side, not on top
+        y = np.array([r["accuracy"] for r in rows], dtype=float)
+        if rows and "accuracy_low" in rows[0]:
+            error = [y - np.array([r["accuracy_low"] for r in rows]), np.array([r["accuracy_high"] for r in rows]) - y]
+            axis.errorbar(x, y, yerr=np.clip(error, 0, None), label=name, linewidth=1.3, marker="o", markersize=3,
+                          capsize=2, elinewidth=0.8)
+        else:
+            axis.plot(x, y, label=name, linewidth=1.3, marker="o", markersize=3)
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    first = next(iter(curves.values()), [])
+    counts.bar([r["bin"] for r in first], [r["count"] for r in first], width=0.06, color="lightgrey")
+    counts.set_xlabel("confidence (top-label probability)")
+    counts.set_ylabel("images")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def groups_png(table: pd.DataFrame, figure_name: str, path: str | Path, title: str, overall: float | None = None) -> None:
     """Horizontal bars of ``figure_name`` per patient group with their 95 % intervals
     (rows of ``skinlesion.evaluation.subgroups.table``; groups too small to report are left out)."""

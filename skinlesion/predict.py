@@ -1,7 +1,6 @@
-"""Use a saved model on new images, and score it on any labelled source.
+"""Use a saved model on new images (scoring it on a labelled source is skinlesion.score).
 
     python -m skinlesion.predict MODEL INPUT [INPUT ...] -o predictions.csv
-    python -m skinlesion.predict --score MODEL SOURCE [--labels CSV] -o metrics.json
 
 MODEL is a model file (models/model.pt) or its ONNX export (models/model.onnx, run on
 ONNX Runtime with the same views and scoring). INPUT is an image, a folder or a zip (zips inside are read too). SOURCE is any
@@ -27,18 +26,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinlesion import CLASSES, PipelineError, cli, params
+from skinlesion import PipelineError, cli
 from skinlesion.data import archives
-from skinlesion.data.images import Unusable, load_image
+from skinlesion.data.images import Unusable, decode_all, load_image, printable  # noqa: F401 - decode_all: the API
 from skinlesion.data.patient_input import column_problem, duplicate_problem, first_problem
-from skinlesion.evaluation import evaluate, external
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.evaluation.scope import NOTICE
 from skinlesion.files import write_csv
-from skinlesion.progress import bar, threads
-from skinlesion.untrusted import escaped, refuse_overwrite
+from skinlesion.progress import bar
+from skinlesion.untrusted import refuse_overwrite
 
 log = logging.getLogger("skinlesion.predict")
+SCORE_MOVED = ("note: `predict --score` is now its own command, `python -m skinlesion.score MODEL SOURCE -o "
+               "metrics.json` (same options); this form still works")
 MAX_BYTES = 64 * 2**30
 # Images decoded and held at once: memory stays at one chunk of pixels however large
 # the input (2048 at 128 px is 100 MB; 100,000 images at once would be 4.9 GB, twice
@@ -46,32 +46,6 @@ MAX_BYTES = 64 * 2**30
 CHUNK = 2048
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 OUTPUT_HEADER = b"file,image_id,"
-
-
-def printable(name: str) -> str:
-    """``name`` as text that can be written: a file name that is not UTF-8 (from a
-    Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV,
-    and control characters (a terminal's escape codes, a newline that would forge a line)
-    are escaped too."""
-    return escaped(os.fsencode(name).decode("utf-8", "backslashreplace"))
-
-
-def decode_all(members: list[archives.Member], size: int) -> tuple[list[int], np.ndarray, list[str]]:
-    """Decode ``members`` at ``size``; returns the indices that worked, their pixels,
-    and one error line per file that did not."""
-
-    def decode(member):
-        try:
-            return load_image(member, size), None
-        except Unusable as error:
-            return None, f"{printable(member.origin)} {error}"
-
-    with threads(os.cpu_count() or 1) as pool:
-        results = list(pool.map(decode, members))
-    ok = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
-    errors = [error for _, error in results if error]
-    pixels = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
-    return ok, pixels, errors
 
 
 def classify(predictor: Predictor, members: list[archives.Member], batch_size: int, desc: str,
@@ -236,63 +210,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
     return 1 if errors else 0
 
 
-def read_labels(labels: Path) -> set[str]:
-    """The image_ids of the --labels CSV."""
-    fix = "give a CSV with an image_id column (e.g. data/split/test.csv)"
-    try:
-        wanted = pd.read_csv(labels, dtype=str)
-    except FileNotFoundError:
-        raise PipelineError(f"--labels {labels}: no such file; {fix}") from None
-    except IsADirectoryError:
-        raise PipelineError(f"--labels {labels} is a folder; {fix}") from None
-    except PermissionError:
-        raise PipelineError(f"--labels {labels}: cannot be read (permission denied); give this user read "
-                            f"access to it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"--labels {labels}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") \
-            from None
-    if "image_id" not in wanted:
-        raise PipelineError(f"--labels {labels}: no image_id column; {fix}")
-    return set(wanted["image_id"].dropna())
-
-
-def score_source(model_path: Path, source: Path, labels: Path | None, out: Path, batch_size: int,
-                 mel_specificity: float) -> int:
-    check_output(out, "metrics.json")
-    refuse_overwrite(out, [model_path, labels, source])
-    wanted = read_labels(labels) if labels is not None else None
-    predictor = load_predictor(model_path)
-    info = predictor.info
-    if list(info["classes"]) != list(CLASSES):
-        raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
-
-    def labelled(frame):
-        if wanted is None:
-            return frame
-        unknown = sorted(wanted - set(frame["image_id"]))
-        if unknown:
-            raise PipelineError(f"--labels {labels}: {len(unknown)} image_id(s) not in {source}: "
-                                f"{archives.names(unknown)}; give the labels of this source")
-        return frame[frame["image_id"].isin(wanted)]
-
-    # a labelled set is scored whole: the intervals resample its lesions
-    # Every file of the source may be read (its metadata CSV, its images): none may be -o, bar an
-    # earlier metrics file.
-    reads = lambda files: refuse_overwrite(out, [f for f in files if f.suffix.lower() != ".json"])
-    scored, pixels, errors, listed = external.load_labelled([source], info["image_size"], decode_all,
-                                                            select=labelled, check=reads)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if not len(scored):
-        raise PipelineError(f"none of the {listed} image(s) of {source} could be read; nothing to score")
-    settings = params.Evaluate(batch_size=batch_size, mel_specificity=mel_specificity)
-    evaluate.evaluate_split(predictor, scored, pixels, settings, metrics_path=out, plots_dir=None,
-                            progress="score")
-    log.info("wrote %s: %d image(s) scored, %d failed", out, len(scored), len(errors))
-    return 1 if errors else 0
-
-
-def _count(text: str) -> int:
+def count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -302,7 +220,7 @@ def _count(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -315,31 +233,36 @@ def _fraction(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="python -m skinlesion.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="a model file (models/model.pt) or its ONNX export (models/model.onnx)")
-    parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips (with --score: one source)")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities (JSON with --score)")
-    parser.add_argument("--score", action="store_true", help="score on a labelled HAM10000-layout source")
-    parser.add_argument("--labels", type=Path, help="with --score: only the image_ids of this CSV (e.g. data/split/test.csv)")
+    parser.add_argument("inputs", type=Path, nargs="+", help="images, folders or zips")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="CSV of probabilities")
+    parser.add_argument("--score", action="store_true",
+                        help="the earlier form of `python -m skinlesion.score MODEL SOURCE -o metrics.json`")
+    parser.add_argument("--labels", type=Path, help="with --score: only the image_ids of this CSV")
     parser.add_argument("--include-masks", action="store_true",
                         help="classify lesion masks (*_segmentation.png) too; they are skipped by default")
     parser.add_argument("--metadata", type=Path,
                         help="for a model trained with train.metadata: a CSV of image_id, age, sex, localization")
-    parser.add_argument("--batch-size", type=_count, default=128)
-    parser.add_argument("--mel-specificity", type=_fraction, default=0.9)
+    parser.add_argument("--batch-size", type=count, default=128)
+    parser.add_argument("--mel-specificity", type=fraction, default=0.9)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     def work() -> int:
         if args.score:
+            from skinlesion import score
+
+            print(SCORE_MOVED, file=sys.stderr)
             if len(args.inputs) != 1:
                 raise PipelineError("--score takes one source (a folder or zip in HAM10000 layout)")
             if args.include_masks:
                 raise PipelineError("--include-masks applies to predictions, not to --score")
             if args.metadata is not None:
                 raise PipelineError("--metadata applies to predictions; --score reads the source's own metadata CSV")
-            return score_source(args.model, args.inputs[0], args.labels, args.out, args.batch_size,
+            return score.score_source(args.model, args.inputs[0], args.labels, args.out, args.batch_size,
                                 args.mel_specificity)
         if args.labels is not None:
-            raise PipelineError("--labels applies only with --score")
+            raise PipelineError("--labels applies to scoring: `python -m skinlesion.score MODEL SOURCE --labels CSV "
+                                "-o metrics.json`")
         return predict_files(args.model, args.inputs, args.out, args.batch_size, include_masks=args.include_masks,
                              metadata=args.metadata)
 

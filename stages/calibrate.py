@@ -32,7 +32,8 @@ def main(params):
                                    progress="calibrate", patient=predictor.patient_rows(val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings.tta, adjust=settings.adjust, method=settings.method,
-                                      mel_sensitivity=settings.mel_sensitivity, classes=info["classes"])
+                                      mel_sensitivity=settings.mel_sensitivity, classes=info["classes"],
+                                      lesions=val["lesion_id"].to_numpy())
     scoring = {**scoring, "precision": settings.precision, "recheck": settings.recheck}
     train_images = prepared.images[prepared.rows(train["image_id"])]
     scored = inference.TorchPredictor(model, {**info, "scoring": scoring}, device)
@@ -47,6 +48,11 @@ def main(params):
                                                 "scope": scope}, sort_keys=False)
     write_csv(Path("plots/calibrate/tau_search.csv"), pd.DataFrame(search))
     before, after = report["val_before"], report["val_after"]
+    chosen = report.get("method_selection")
+    if chosen and chosen["held_out"]:
+        held = chosen["held_out"]
+        logging.info("calibration chosen on validation: %s (held-out top-label ECE %.4f with temperature scaling, "
+                     "%.4f without)", chosen["chosen"], held["temperature"]["ece"], held["none"]["ece"])
     logging.info("%d member(s); validation: tau %.2f, temperature %.2f, melanoma threshold %.3f; balanced accuracy "
                  "%.3f -> %.3f, accuracy %.3f -> %.3f, log-loss %.3f -> %.3f", len(members), scoring["tau"],
                  scoring["temperature"], scoring["mel_threshold"], before["balanced_accuracy"],

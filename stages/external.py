@@ -9,9 +9,9 @@ from pathlib import Path
 
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
+from skinlesion.data.images import decode_all
 from skinlesion.evaluation import external
 from skinlesion.files import atomic_dir, write_json
-from skinlesion.predict import decode_all
 
 
 def main(params):

@@ -26,6 +26,7 @@ from tests.conftest import run_command as run
 
 pytestmark = pytest.mark.slow
 PREDICT = [sys.executable, "-m", "skinlesion.predict"]
+SCORE = [sys.executable, "-m", "skinlesion.score"]
 def copy_of_ham(kit, tmp_path) -> Path:
     shutil.copytree(kit.ham, tmp_path / "ham")
     return tmp_path / "ham"
@@ -86,13 +87,13 @@ PREDICT_CASES = {
                         2, "argument --batch-size: -1 is below 1", False),
     "--batch-size x": (lambda k, t: [*PREDICT, k.model, k.image, "-o", t / "out.csv", "--batch-size", "x"],
                        2, "argument --batch-size: 'x' is not a whole number", False),
-    "--mel-specificity 2": (lambda k, t: [*PREDICT, "--score", k.model, k.ham, "-o", t / "out.csv",
+    "--mel-specificity 2": (lambda k, t: [*SCORE, k.model, k.ham, "-o", t / "out.csv",
                                           "--mel-specificity", "2"], 2, "is not between 0 and 1", False),
     "no -o": (lambda k, t: [*PREDICT, k.model, k.image], 2, "the following arguments are required: -o", False),
-    "--labels missing": (lambda k, t: [*PREDICT, "--score", k.model, k.ham, "--labels", t / "test.csv",
+    "--labels missing": (lambda k, t: [*SCORE, k.model, k.ham, "--labels", t / "test.csv",
                                        "-o", t / "out.csv"], 2, "--labels", False),
     "--labels without --score": (lambda k, t: [*PREDICT, k.model, k.ham, "--labels", k.ham / "HAM10000_metadata.csv",
-                                               "-o", t / "out.csv"], 2, "--labels applies only with --score", False),
+                                               "-o", t / "out.csv"], 2, "--labels applies to scoring", False),
     "missing input": (lambda k, t: [*PREDICT, k.model, t / "scans", "-o", t / "out.csv"],
                       2, "scans: no such file or folder", False),
     "input is a broken link": (lambda k, t: [*PREDICT, k.model, (t / "l.jpg").symlink_to(t / "gone.jpg") or t / "l.jpg",
@@ -104,10 +105,10 @@ PREDICT_CASES = {
     "zip escaping its folder": (lambda k, t: [*PREDICT, k.model, traversing_zip(t), "-o", t / "out.csv"],
                                 2, "points outside the folder", False),
     "--score: ;-separated metadata": (
-        lambda k, t: [*PREDICT, "--score", k.model, semicolon_metadata(copy_of_ham(k, t)) or t / "ham",
+        lambda k, t: [*SCORE, k.model, semicolon_metadata(copy_of_ham(k, t)) or t / "ham",
                       "-o", t / "out.csv"], 2, "looks ';'-separated", False),
     "--score: unreadable metadata": (
-        lambda k, t: [*PREDICT, "--score", k.model, unreadable(copy_of_ham(k, t) / "HAM10000_metadata.csv").parent,
+        lambda k, t: [*SCORE, k.model, unreadable(copy_of_ham(k, t) / "HAM10000_metadata.csv").parent,
                       "-o", t / "out.csv"], 2, "HAM10000_metadata.csv: cannot be read (permission denied)", True),
     "full disk": (lambda k, t: wrapped(FULL_DISK, [k.model, k.image, "-o", t / "out.csv"]),
                   1, "no space left on device writing", False),

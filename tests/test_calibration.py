@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from skinlesion import CLASSES, PipelineError
 from skinlesion.evaluation import calibrate
 from skinlesion.training import losses
 
@@ -116,3 +117,69 @@ def test_classwise_ece_sees_the_probabilities_top_label_ece_ignores():
     moved[rows, (top[rows] + 1) % 7] = rest
     assert expected_calibration_error(labels, moved) == pytest.approx(expected_calibration_error(labels, calibrated))
     assert classwise_ece(labels, moved) > 2 * classwise_ece(labels, calibrated)
+
+
+def with_confident_mistakes(seed: int = 5, n: int = 3000, share: float = 0.02):
+    """Calibrated logits, but ``share`` of the images confidently wrong (label noise no
+    model can know): log-loss pays so much for them that it asks for a temperature
+    above 1, which leaves the rest under-confident."""
+    z, labels = sample(n, seed=seed)
+    logits = z + np.log(PRIOR)
+    rng = np.random.default_rng(seed)
+    bad = rng.choice(n, int(share * n), replace=False)
+    logits[bad] = 0.0
+    logits[bad, (labels[bad] + rng.integers(1, 7, len(bad))) % 7] = 12.0
+    return logits, labels
+
+
+def test_auto_keeps_temperature_scaling_where_it_lowers_the_held_out_ece():
+    z, labels = sample(3000, seed=4)
+    lesions = (np.arange(len(labels)) // 2).astype(str)  # two images per lesion
+    chosen, evidence = calibrate.choose_method((3 * (z + np.log(PRIOR)))[None], labels, lesions, {"tau": 0.0})
+    assert chosen == "temperature" and evidence["folds"] == 5
+    assert all(t == pytest.approx(3.0, rel=0.1) for t in evidence["fold_temperatures"])
+    held = evidence["held_out"]
+    assert held["temperature"]["ece"] < held["none"]["ece"] / 3
+
+
+def test_auto_declines_a_temperature_that_log_loss_wants_but_that_raises_the_ece():
+    logits, labels = with_confident_mistakes()
+    assert calibrate.fit_temperature(logits[None], labels, {}) > 1.15  # log-loss asks for softer probabilities
+    lesions = np.arange(len(labels)).astype(str)
+    chosen, evidence = calibrate.choose_method(logits[None], labels, lesions, {"tau": 0.0})
+    held = evidence["held_out"]
+    assert chosen == "none" and held["temperature"]["ece"] > held["none"]["ece"]
+    assert held["temperature"]["log_loss"] < held["none"]["log_loss"]  # what log-loss alone would have chosen
+    scoring, report = calibrate.fit(logits[None], labels, labels, tta="none", adjust="none", method="auto",
+                                    mel_sensitivity=0.9, classes=CLASSES, lesions=lesions)
+    assert scoring["method"] == "none" and scoring["temperature"] == 1.0 and report["method_chosen"] == "none"
+    assert calibrate.choose_method(logits[None], labels, np.zeros(len(labels)), {"tau": 0.0})[0] == "none"
+    with pytest.raises(PipelineError, match="lesion_id"):
+        calibrate.fit(logits[None], labels, labels, tta="none", adjust="none", method="auto", mel_sensitivity=0.9,
+                      classes=CLASSES)
+
+
+def test_reliability_intervals_resample_lesions_not_images():
+    """Images of one lesion move together: with ten copies per lesion the accuracy of a
+    bin is known far less well than with ten lesions' worth of images."""
+    from skinlesion.evaluation import metrics
+
+    z, labels = sample(2000, seed=6)
+    probabilities = calibrate.probabilities((z + np.log(PRIOR))[None], {})
+
+    def width(lesions):
+        rows = metrics.reliability(labels, probabilities, lesions=lesions, resamples=300, seed=0)
+        assert all(r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"] for r in rows if r["count"] >= 20)
+        return np.mean([r["accuracy_high"] - r["accuracy_low"] for r in rows if r["count"] >= 100])
+
+    copies = np.repeat(np.arange(200), 10)[np.random.default_rng(0).permutation(2000)]
+    ordered = np.argsort(copies, kind="stable")
+    grouped_labels, grouped = labels.copy(), copies.copy()
+    # each lesion's ten images share a label and a confidence: copies of one image
+    grouped_probabilities = probabilities.copy()
+    for lesion in range(200):
+        rows = ordered[lesion * 10:(lesion + 1) * 10]
+        grouped_labels[rows], grouped_probabilities[rows] = labels[rows[0]], probabilities[rows[0]]
+    labels, probabilities = grouped_labels, grouped_probabilities
+    assert width(grouped) > 2 * width(np.arange(2000))
+    assert "accuracy_low" not in metrics.reliability(labels, probabilities)[0]

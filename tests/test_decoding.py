@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinlesion import PipelineError, predict, synthetic
+from skinlesion import PipelineError, synthetic
 from skinlesion.data import archives, images, prepare
 from skinlesion.data import download as sources
 from tests.conftest import group
@@ -90,7 +90,7 @@ def through_the_pipeline(source, tmp_path) -> tuple[np.ndarray | None, str | Non
 def through_the_prediction_command(path) -> tuple[np.ndarray | None, str | None]:
     """What the prediction command (and --score) decode: pixels, or the error line."""
     collector = archives.Collector(path.parent, 2**30)
-    ok, pixels, errors = predict.decode_all(collector.collect([path]), SIZE)
+    ok, pixels, errors = images.decode_all(collector.collect([path]), SIZE)
     return (pixels[0], None) if ok else (None, errors[0])
 
 

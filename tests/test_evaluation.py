@@ -190,13 +190,20 @@ def test_predict_command_on_a_single_image_and_a_missing_model(model_file, synth
 
 
 @pytest.mark.slow
-def test_score_command_writes_the_evaluate_metrics(model_file, synthetic_zips, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "skinlesion.predict", "--score", str(model_file),
+def test_score_command_writes_the_evaluate_metrics_and_the_old_form_still_works(model_file, synthetic_zips, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "skinlesion.score", str(model_file),
                              str(synthetic_zips), "-o", str(tmp_path / "m.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "note:" not in result.stderr
     scored = json.loads((tmp_path / "m.json").read_text())
     assert scored["images"] == len(pd.read_csv(synthetic_zips / "HAM10000_metadata.csv"))
     assert {"balanced_accuracy", "macro_roc_auc", "expected_calibration_error", "recall", "ci95"} <= set(scored)
+    old = subprocess.run([sys.executable, "-m", "skinlesion.predict", "--score", str(model_file),
+                          str(synthetic_zips), "-o", str(tmp_path / "old.json")], capture_output=True, text=True)
+    assert old.returncode == 0, old.stderr
+    notes = [line for line in old.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "python -m skinlesion.score MODEL SOURCE" in notes[0]
+    assert json.loads((tmp_path / "old.json").read_text()) == scored
 
 
 class _Payload:

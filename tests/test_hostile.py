@@ -37,6 +37,7 @@ from tests.test_bad_input import assert_one_line
 from tests.test_download import LISTING, dataverse_params, md5, serve_dataverse, serve_isic
 
 PREDICT = [sys.executable, "-m", "skinlesion.predict"]
+SCORE = [sys.executable, "-m", "skinlesion.score"]
 MiB = 2**20
 # Peak RSS of an ordinary prediction on the 2-core reference machine: about 970 MiB, of which
 # importing torch is 635. A bomb that got through would add its own size (a 13000 x 13000
@@ -209,10 +210,10 @@ OVERWRITES = {
         [*PREDICT, metadata_model(t / "meta.pt"), d, "--metadata", t / "patients.csv", "-o", t / "patients.csv"],
         t / "patients.csv"),
     "--score: the source's metadata CSV": lambda k, t, d: (
-        [*PREDICT, "--score", k.model, shutil.copytree(k.ham, t / "ham"), "-o", t / "ham/HAM10000_metadata.csv"],
+        [*SCORE, k.model, shutil.copytree(k.ham, t / "ham"), "-o", t / "ham/HAM10000_metadata.csv"],
         t / "ham/HAM10000_metadata.csv"),
     "--score: the --labels CSV": lambda k, t, d: (
-        [*PREDICT, "--score", k.model, k.ham, "--labels", shutil.copy(k.ham / "HAM10000_metadata.csv", t / "l.csv"),
+        [*SCORE, k.model, k.ham, "--labels", shutil.copy(k.ham / "HAM10000_metadata.csv", t / "l.csv"),
          "-o", t / "l.csv"], t / "l.csv"),
 }
 

@@ -23,7 +23,7 @@ LAYERS = [
     ("training", ["skinlesion/training/"]),
     ("evaluation", ["skinlesion/evaluation/"]),
     ("deployment", ["skinlesion/deployment/"]),
-    ("commands", ["skinlesion/predict.py", "skinlesion/tune.py"]),
+    ("commands", ["skinlesion/predict.py", "skinlesion/score.py", "skinlesion/tune.py"]),
     ("page", ["skinlesion/app/"]),
 ]
 

@@ -127,7 +127,7 @@ def test_scoring_params_rerun_only_their_stage_and_what_follows(project, param, 
 def test_external_scoring_of_the_test_split_matches_the_evaluate_stage(project, synthetic_zips, tmp_path):
     import sys
 
-    run([sys.executable, "-m", "skinlesion.predict", "--score", "models/model.pt", str(synthetic_zips),
+    run([sys.executable, "-m", "skinlesion.score", "models/model.pt", str(synthetic_zips),
          "--labels", "data/split/test.csv", "-o", str(tmp_path / "external.json")], project)
     assert json.loads((tmp_path / "external.json").read_text()) == \
         json.loads((project / "metrics/evaluate.json").read_text())
@@ -305,7 +305,7 @@ def test_the_patients_metadata_runs_through_every_stage_and_can_be_left_out(proj
     split = pd.read_csv(project / "data/split/test.csv")
     assert {"age", "sex", "localization"} <= set(split.columns)
     # --score reads the source's own metadata CSV: the same numbers as the evaluate stage
-    run([sys.executable, "-m", "skinlesion.predict", "--score", "models/model.pt", str(synthetic_zips),
+    run([sys.executable, "-m", "skinlesion.score", "models/model.pt", str(synthetic_zips),
          "--labels", "data/split/test.csv", "-o", str(tmp_path / "scored.json")], project)
     scored = json.loads((tmp_path / "scored.json").read_text())
     assert scored["balanced_accuracy"] == json.loads((project / "metrics/evaluate.json").read_text())[

@@ -103,3 +103,22 @@ def test_the_card_shows_the_groups_flags_the_worse_one_and_says_when_calibration
     assert "Skin type (Fitzpatrick) is not recorded in HAM10000" in text
     assert "it does **not** help on the test split" in text
     assert "above 812.5" in text and "no melanoma flag" in text
+
+
+def test_the_card_says_when_validation_chose_no_temperature():
+    from skinlesion.evaluation import card
+
+    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec"], "image_size": 64,
+            "mean": [0.5] * 3, "std": [0.2] * 3}
+    test = {"balanced_accuracy": 0.6, "accuracy": 0.7, "macro_f1": 0.5, "macro_roc_auc": 0.9, "images": 600,
+            "lesions": 300, "recall": {c: 0.5 for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")},
+            "expected_calibration_error": 0.031,
+            "calibration": {"ece_before": 0.031, "ece_after": 0.031, "difference": 0.0, "ci95": {"low": 0, "high": 0},
+                            "verdict": "no measurable change", "ece_after_ci95": {"low": 0.022, "high": 0.041},
+                            "classwise_ece_after": 0.012}}
+    declined = card.render({**info, "scoring": {"method": "none", "temperature": 1.0}}, {}, test, None, None)
+    assert "Calibration: none (validation chose it" in declined
+    assert "No temperature scaling (validation chose none). Top-label ECE on the test split 0.031 [0.022, 0.041]" in declined
+    assert "Temperature scaling (chosen on validation)" not in declined
+    kept = card.render({**info, "scoring": {"method": "temperature", "temperature": 1.3}}, {}, test, None, None)
+    assert "Calibration: temperature scaling, T = 1.300" in kept and "Temperature scaling (chosen on validation)" in kept

@@ -29,9 +29,9 @@ from PIL import Image
 
 from skinlesion import modelfile, plots
 from skinlesion.data import archives, patient
+from skinlesion.data.images import decode_all
 from skinlesion.data.patient_input import MAX_AGE, describe_problem
 from skinlesion.evaluation import explain, inference
-from skinlesion.predict import decode_all
 from skinlesion.untrusted import MAX_NAME, shown
 
 log = logging.getLogger("skinlesion.app")

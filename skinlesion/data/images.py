@@ -1,5 +1,5 @@
 """Every photograph the project reads is decoded here: by the download stage's check,
-by prepare, by the prediction command and by ``--score``. So a file is either
+by prepare, by the prediction and scoring commands. So a file is either
 accepted with the same pixels on every path, or refused with the same reason.
 
 The policy, by the mode Pillow opens a file in:
@@ -33,7 +33,8 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS, TooLarge, read_capped
+from skinlesion.progress import threads
+from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS, TooLarge, escaped, read_capped
 
 # Pillow warns from 89 megapixels on; this module's own cap (MAX_PIXELS, lower) refuses such
 # an image in one line instead, so the warning would only add a second, misleading one.
@@ -176,3 +177,29 @@ def mask_problem(source) -> str | None:
     except Exception as error:  # noqa: BLE001 - as in decode
         return f"is not a readable image ({_first_line(error)}); the file is damaged or incomplete: copy it again"
     return None
+
+
+def printable(name: str) -> str:
+    """``name`` as text that can be written: a file name that is not UTF-8 (from a
+    Windows share, say) keeps its odd bytes as \\xNN escapes instead of failing the CSV,
+    and control characters (a terminal's escape codes, a newline that would forge a line)
+    are escaped too."""
+    return escaped(os.fsencode(name).decode("utf-8", "backslashreplace"))
+
+
+def decode_all(members: list, size: int) -> tuple[list[int], np.ndarray, list[str]]:
+    """Decode ``members`` (skinlesion.data.archives members) at ``size``; returns the indices that worked, their pixels,
+    and one error line per file that did not."""
+
+    def decode(member):
+        try:
+            return load_image(member, size), None
+        except Unusable as error:
+            return None, f"{printable(member.origin)} {error}"
+
+    with threads(os.cpu_count() or 1) as pool:
+        results = list(pool.map(decode, members))
+    ok = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
+    errors = [error for _, error in results if error]
+    pixels = np.stack([results[i][0] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
+    return ok, pixels, errors

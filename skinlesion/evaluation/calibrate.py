@@ -11,16 +11,25 @@ so that `evaluate`, `explain` and the prediction command all answer alike:
   natural class mix) and balanced accuracy (tau near 1) without retraining;
 - temperature scaling (Guo et al. 2017): one T > 0 dividing the logits, fitted by
   validation log-loss; it changes confidence, never the predicted class of a view.
+  With ``method: auto`` it is applied only where it helps: temperatures fitted on four
+  fifths of the validation lesions score the fifth left out, and temperature scaling is
+  kept if those held-out probabilities have a lower top-label ECE than the unscaled ones.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import softmax
 from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GroupKFold
 
 from skinlesion import PipelineError
+from skinlesion.evaluation.metrics import classwise_ece, expected_calibration_error
+
+log = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.arange(-1.0, 2.0001, 0.05), 2)
 IDENTITY = {"tta": "none", "tau": 0.0, "log_prior": None, "temperature": 1.0}
@@ -87,6 +96,37 @@ def fit_temperature(view_logits: np.ndarray, labels: np.ndarray, scoring: dict) 
     return float(np.exp(result.x))
 
 
+def choose_method(view_logits: np.ndarray, labels: np.ndarray, lesions: np.ndarray, scoring: dict,
+                  folds: int = 5) -> tuple[str, dict]:
+    """``temperature`` or ``none``, by what each does to validation images it was not
+    fitted on: the lesions split into ``folds`` groups, each scored with the temperature
+    fitted on the others, the held-out probabilities pooled. Temperature scaling is kept
+    only if its held-out top-label ECE is lower (a tie keeps the logits as they are);
+    the class-wise ECE and log-loss of both are reported beside it."""
+    labels, lesions = np.asarray(labels), np.asarray(lesions).astype(str)
+    groups = len(set(lesions))
+    if groups < 2:  # nothing to hold out: no evidence that it helps, so it is not applied
+        log.warning("calibrate.method auto: the validation split has %d lesion(s), too few to check temperature "
+                    "scaling on lesions held out from its fit; it is not applied", groups)
+        return "none", {"folds": 0, "fold_temperatures": [], "held_out": None, "chosen": "none"}
+    held = {"none": np.zeros((len(labels), view_logits.shape[-1])), "temperature": None}
+    held["temperature"] = held["none"].copy()
+    temperatures = []
+    for fitted, left_out in GroupKFold(n_splits=min(folds, groups)).split(labels, groups=lesions):
+        t = fit_temperature(view_logits[:, fitted], labels[fitted], scoring)
+        temperatures.append(round(t, 4))
+        held["temperature"][left_out] = probabilities(view_logits[:, left_out], {**scoring, "temperature": t})
+        held["none"][left_out] = probabilities(view_logits[:, left_out], {**scoring, "temperature": 1.0})
+    figures = {name: {"ece": round(expected_calibration_error(labels, p), 5),
+                      "classwise_ece": round(classwise_ece(labels, p), 5),
+                      "log_loss": round(float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean()),
+                                        5)}
+               for name, p in held.items()}
+    chosen = "temperature" if figures["temperature"]["ece"] < figures["none"]["ece"] else "none"
+    return chosen, {"folds": len(temperatures), "fold_temperatures": temperatures, "held_out": figures,
+                    "chosen": chosen}
+
+
 def threshold_for_sensitivity(positive: np.ndarray, score: np.ndarray, sensitivity: float) -> float:
     """The highest score threshold whose sensitivity (share of positives with
     ``score >= threshold``) is at least ``sensitivity`` on these images."""
@@ -98,19 +138,29 @@ def threshold_for_sensitivity(positive: np.ndarray, score: np.ndarray, sensitivi
 
 
 def fit(view_logits: np.ndarray, labels: np.ndarray, train_labels: np.ndarray, *, tta: str, adjust: str,
-        method: str, mel_sensitivity: float, classes) -> tuple[dict, dict]:
+        method: str, mel_sensitivity: float, classes, lesions: np.ndarray | None = None) -> tuple[dict, dict]:
     """Everything chosen on validation: returns the model file's ``scoring`` and a
-    report of the validation figures before and after."""
+    report of the validation figures before and after. ``method`` is none,
+    temperature, or auto (``choose_method``, which needs the images' ``lesions``)."""
     prior = log_prior(train_labels, len(classes))
     tau, search = fit_tau(view_logits, labels, prior, adjust)
     scoring = {"tta": tta, "tau": tau, "log_prior": prior, "temperature": 1.0}
-    if method == "temperature":
+    selection = None
+    if method == "auto":
+        if lesions is None:
+            raise PipelineError("calibrate.method auto needs the validation images' lesion_id")
+        chosen, selection = choose_method(view_logits, labels, lesions, scoring)
+    else:
+        chosen = method
+    scoring["method"] = chosen
+    if chosen == "temperature":
         scoring["temperature"] = fit_temperature(view_logits, labels, scoring)
     raw = {"tta": tta, "tau": 0.0, "log_prior": prior, "temperature": 1.0}
     mel = list(classes).index("mel")
     calibrated = probabilities(view_logits, scoring)
     scoring["mel_threshold"] = threshold_for_sensitivity(labels == mel, calibrated[:, mel], mel_sensitivity)
-    report = {"tta": tta, "adjust": adjust, "tau": tau, "method": method, "temperature": scoring["temperature"],
+    report = {"tta": tta, "adjust": adjust, "tau": tau, "method": method, "method_chosen": chosen,
+              **({"method_selection": selection} if selection else {}), "temperature": scoring["temperature"],
               "mel_target_sensitivity": mel_sensitivity, "mel_threshold": scoring["mel_threshold"],
               "val_log_loss_before": log_loss(view_logits, labels, raw),
               "val_log_loss_after": log_loss(view_logits, labels, scoring),

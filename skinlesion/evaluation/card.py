@@ -50,11 +50,11 @@ def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None
         "## How it is scored (chosen on the validation split)", "",
         f"- Test-time augmentation: `{scoring.get('tta', 'none')}` (softmax averaged over the views)",
         f"- Post-hoc logit adjustment: tau = {scoring.get('tau', 0.0):g} (logits - tau * log(train class prior))",
-        f"- Temperature: {scoring.get('temperature', 1.0):.3f}",
+        _temperature(scoring),
     ]
     if "mel_threshold" in scoring:
         lines.append(f"- Melanoma flag: probability of mel >= {scoring['mel_threshold']:.4f}")
-    return "\n".join(lines + _scope(info) + _data(split) + _results(test) + _calibration(test) + _groups(groups)
+    return "\n".join(lines + _scope(info) + _data(split) + _results(test) + _calibration(test, scoring) + _groups(groups)
                      + _external(external) + LIMITATIONS)
 
 
@@ -67,10 +67,21 @@ def _scope(info: dict) -> list[str]:
             f"melanoma flag: \"this does not look like the dermatoscopic images the model was trained on\""]
 
 
-def _calibration(test: dict) -> list[str]:
+def _temperature(scoring: dict) -> str:
+    if scoring.get("method") == "none":
+        return ("- Calibration: none (validation chose it: temperature scaling did not lower the ECE of the "
+                "validation lesions held out from its fit)")
+    return f"- Calibration: temperature scaling, T = {scoring.get('temperature', 1.0):.3f}"
+
+
+def _calibration(test: dict, scoring: dict) -> list[str]:
     change = test.get("calibration")
     if not change:
         return []
+    if scoring.get("method") == "none":
+        return ["", f"No temperature scaling (validation chose none). Top-label ECE on the test split "
+                    f"{test['expected_calibration_error']:.3f} [{change['ece_after_ci95']['low']:.3f}, "
+                    f"{change['ece_after_ci95']['high']:.3f}], class-wise ECE {change['classwise_ece_after']:.3f}."]
     ci = change["ci95"]
     said = {"helps": "it helps on the test split", "hurts": "it does **not** help on the test split: ECE rose",
             "no measurable change": "no measurable change on the test split"}[change["verdict"]]

@@ -42,15 +42,17 @@ def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray
                                  mel_threshold=how.get("mel_threshold"))
         write_plots(plots_dir, frame, probabilities, images, settings.grid_per_class, settings.seed,
                     details=details, uncalibrated=uncalibrated, groups=groups,
-                    overall=result["balanced_accuracy"])
+                    overall=result["balanced_accuracy"], resamples=settings.bootstrap_resamples,
+                    bootstrap_seed=settings.bootstrap_seed)
     return result
 
 
 def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, images: np.ndarray,
                 grid_per_class: int, seed: int, details: dict | None = None,
                 uncalibrated: np.ndarray | None = None, groups: pd.DataFrame | None = None,
-                overall: float | None = None) -> None:
-    """``frame`` holds the evaluated rows (image_id, label) in the order of
+                overall: float | None = None, resamples: int = 0, bootstrap_seed: int = 0) -> None:
+    """``frame`` holds the evaluated rows (image_id, label, and lesion_id for the
+    reliability intervals, from ``resamples`` lesion draws) in the order of
     ``probabilities`` and ``images``; ``groups``, the figures per patient group
     (``subgroups.table``), drawn beside the ``overall`` balanced accuracy."""
     labels = frame["label"].to_numpy()
@@ -62,14 +64,18 @@ def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, im
         for name in CLASSES:
             write_csv(out / "roc" / f"{name}.csv", pd.DataFrame(roc.get(name, []), columns=["fpr", "tpr"]))
             write_csv(out / "pr" / f"{name}.csv", pd.DataFrame(pr.get(name, []), columns=["recall", "precision"]))
-        reliability = {"calibrated": metrics.reliability(labels, probabilities)}
-        if uncalibrated is not None:
-            reliability["uncalibrated"] = metrics.reliability(labels, uncalibrated)
+        lesions = frame["lesion_id"].to_numpy() if "lesion_id" in frame else None
+        scored = {"calibrated": probabilities, **({} if uncalibrated is None else {"uncalibrated": uncalibrated})}
+        reliability = {name: metrics.reliability(labels, p, lesions=lesions, resamples=resamples, seed=bootstrap_seed)
+                       for name, p in scored.items()}
+        columns = ["bin", "confidence", "accuracy", "count"] + (["accuracy_low", "accuracy_high"]
+                                                                 if lesions is not None and resamples else [])
         for name, rows in reliability.items():
             write_csv(out / ("reliability.csv" if name == "calibrated" else f"reliability_{name}.csv"),
-                      pd.DataFrame(rows, columns=["bin", "confidence", "accuracy", "count"]))
-        plots.curves_png(reliability, "confidence", "accuracy", out / "reliability.png",
-                         "Reliability (test): accuracy against confidence", diagonal=True)
+                      pd.DataFrame(rows, columns=columns))
+        plots.reliability_png(reliability, out / "reliability.png",
+                              "Reliability (test): accuracy against confidence, 95 % lesion-bootstrap intervals"
+                              if len(columns) > 4 else "Reliability (test): accuracy against confidence")
         if details is not None:
             write_json(out / "details.json", details)
         if groups is not None and len(groups):

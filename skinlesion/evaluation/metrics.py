@@ -28,20 +28,38 @@ from skinlesion import CLASSES, PipelineError
 nan = float("nan")
 
 
-def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> list[dict]:
+def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15, *, lesions: np.ndarray | None = None,
+                resamples: int = 0, seed: int = 0) -> list[dict]:
     """Per non-empty equal-width confidence bin: its centre, mean confidence,
-    accuracy and count (the reliability diagram's data)."""
+    accuracy and count (the reliability diagram's data); with ``lesions`` and
+    ``resamples``, the accuracy's 95 % interval too (``accuracy_low``, ``accuracy_high``),
+    resampling lesions as the headline intervals do."""
+    labels = np.asarray(labels)
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    low = high = None
+    if lesions is not None and resamples:
+        draws = []
+        for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed)):
+            total = np.bincount(which, weights=weight, minlength=bins)
+            hits = np.bincount(which, weights=weight * correct, minlength=bins)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                draws.append(hits / total)
+        filled = np.bincount(which, minlength=bins) > 0  # an empty bin has no row (and no interval)
+        low, high = np.full(bins, np.nan), np.full(bins, np.nan)
+        low[filled], high[filled] = np.nanpercentile(np.array(draws)[:, filled], [2.5, 97.5], axis=0)
     rows = []
     for b in range(bins):
         inside = which == b
         if inside.any():
-            rows.append({"bin": round(float((edges[b] + edges[b + 1]) / 2), 4),
-                         "confidence": float(confidence[inside].mean()),
-                         "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
+            row = {"bin": round(float((edges[b] + edges[b + 1]) / 2), 4),
+                   "confidence": float(confidence[inside].mean()),
+                   "accuracy": float(correct[inside].mean()), "count": int(inside.sum())}
+            if low is not None:
+                row.update(accuracy_low=round(float(low[b]), 4), accuracy_high=round(float(high[b]), 4))
+            rows.append(row)
     return rows
 
 

@@ -3,7 +3,7 @@ uint8 images (and, for a model that takes it, the patient's encoded metadata) in
 pipeline's answer the way the file says: the test-time views, their logits, the logit
 adjustment and temperature chosen on validation, the averaged probabilities, and the
 melanoma flag, and whether the image is in scope at all (``scope_scores``,
-``in_scope``; skinlesion.evaluation.scope). Evaluate, external, the prediction command (``predict`` and ``--score``)
+``in_scope``; skinlesion.evaluation.scope). Evaluate, external, the prediction and scoring commands
 and the page all go through it; the PyTorch backend is
 ``skinlesion.evaluation.inference.TorchPredictor``, the ONNX one
 ``skinlesion.deployment.runtime.OnnxPredictor``. No PyTorch is imported here."""
