@@ -417,10 +417,7 @@ def _message(schema, prefix: str, error: dict) -> str:
 
 def check(schema, value: Any, prefix: str = "") -> Any:
     """``value`` checked against ``schema`` (a group or a field's type), as plain data."""
-    try:
-        checked = TypeAdapter(schema).validate_python(value)
-    except ValidationError as error:
-        raise PipelineError(_message(schema, prefix, error.errors()[0])) from None
+    checked = typed(schema, value, prefix)
     return checked.model_dump() if isinstance(checked, BaseModel) else checked
 
 

@@ -79,10 +79,14 @@ def fit_tau(view_logits: np.ndarray, labels: np.ndarray, prior: list[float], adj
     return best["tau"], rows
 
 
+def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of ``labels`` under the N x C ``probs``."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
 def log_loss(view_logits: np.ndarray, labels: np.ndarray, scoring: dict) -> float:
     """Mean negative log-likelihood of the averaged probabilities."""
-    p = probabilities(view_logits, scoring)[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(p, 1e-12, None)).mean())
+    return mean_nll(probabilities(view_logits, scoring), labels)
 
 
 def fit_temperature(view_logits: np.ndarray, labels: np.ndarray, scoring: dict) -> float:
@@ -109,18 +113,15 @@ def choose_method(view_logits: np.ndarray, labels: np.ndarray, lesions: np.ndarr
         log.warning("calibrate.method auto: the validation split has %d lesion(s), too few to check temperature "
                     "scaling on lesions held out from its fit; it is not applied", groups)
         return "none", {"folds": 0, "fold_temperatures": [], "held_out": None, "chosen": "none"}
-    held = {"none": np.zeros((len(labels), view_logits.shape[-1])), "temperature": None}
-    held["temperature"] = held["none"].copy()
+    held = {"none": probabilities(view_logits, {**scoring, "temperature": 1.0}),  # nothing fitted: no fold needed
+            "temperature": np.zeros((len(labels), view_logits.shape[-1]))}
     temperatures = []
     for fitted, left_out in GroupKFold(n_splits=min(folds, groups)).split(labels, groups=lesions):
         t = fit_temperature(view_logits[:, fitted], labels[fitted], scoring)
         temperatures.append(round(t, 4))
         held["temperature"][left_out] = probabilities(view_logits[:, left_out], {**scoring, "temperature": t})
-        held["none"][left_out] = probabilities(view_logits[:, left_out], {**scoring, "temperature": 1.0})
     figures = {name: {"ece": round(expected_calibration_error(labels, p), 5),
-                      "classwise_ece": round(classwise_ece(labels, p), 5),
-                      "log_loss": round(float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean()),
-                                        5)}
+                      "classwise_ece": round(classwise_ece(labels, p), 5), "log_loss": round(mean_nll(p, labels), 5)}
                for name, p in held.items()}
     chosen = "temperature" if figures["temperature"]["ece"] < figures["none"]["ece"] else "none"
     return chosen, {"folds": len(temperatures), "fold_temperatures": temperatures, "held_out": figures,

@@ -68,14 +68,14 @@ def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, im
         scored = {"calibrated": probabilities, **({} if uncalibrated is None else {"uncalibrated": uncalibrated})}
         reliability = {name: metrics.reliability(labels, p, lesions=lesions, resamples=resamples, seed=bootstrap_seed)
                        for name, p in scored.items()}
-        columns = ["bin", "confidence", "accuracy", "count"] + (["accuracy_low", "accuracy_high"]
-                                                                 if lesions is not None and resamples else [])
+        intervals = lesions is not None and resamples > 0
+        columns = ["bin", "confidence", "accuracy", "count"] + (["accuracy_low", "accuracy_high"] if intervals else [])
         for name, rows in reliability.items():
             write_csv(out / ("reliability.csv" if name == "calibrated" else f"reliability_{name}.csv"),
                       pd.DataFrame(rows, columns=columns))
         plots.reliability_png(reliability, out / "reliability.png",
                               "Reliability (test): accuracy against confidence, 95 % lesion-bootstrap intervals"
-                              if len(columns) > 4 else "Reliability (test): accuracy against confidence")
+                              if intervals else "Reliability (test): accuracy against confidence")
         if details is not None:
             write_json(out / "details.json", details)
         if groups is not None and len(groups):
