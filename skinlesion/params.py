@@ -154,24 +154,37 @@ class FixCaps(Group):
 
 @dataclass(frozen=True)
 class Architecture:
-    """One entry of the registry of architectures: the type of its ``models.<name>``
-    settings and whether it has ImageNet weights (so that freezing its backbone means
-    something). The network itself is built by ``skinlesion.training.models.BUILDERS``
-    under the same name; a test ties the two, and params.yaml's ``models``, together."""
+    """One entry of the registry of architectures, the one place that names one:
+
+    - ``settings``: the type of its ``models.<name>`` params (a ``head`` field, if it has
+      one, is the configurable classifier head that every such network ends in);
+    - ``builder``: the function of ``skinlesion.training.models`` that builds the network
+      (several names may share one builder with different settings);
+    - ``pretrained``: whether ImageNet weights exist for it, so that ``train.pretrained``,
+      ``train.weights_path`` and ``train.freeze`` mean something.
+
+    The ``model`` param's names, the ``models`` group, the model file's check and the
+    builder's lookup all derive from it; each network names its own Grad-CAM layers
+    (``Classifier.cam_layers``), since they depend on its built shape."""
 
     settings: type[Group]
+    builder: str
     pretrained: bool
+
+    @property
+    def head(self) -> bool:
+        return "head" in self.settings.model_fields
 
 
 # The one list of architectures: `model` takes these names, `models` holds their settings.
 REGISTRY = {
-    "simple_cnn": Architecture(SimpleCnn, pretrained=False),
-    "resnet18": Architecture(Torchvision, pretrained=True),
-    "resnet50": Architecture(Torchvision, pretrained=True),
-    "efficientnet_b0": Architecture(Torchvision, pretrained=True),
-    "vit_b_16": Architecture(VitB16, pretrained=True),
-    "resnet_transformer": Architecture(ResnetTransformer, pretrained=True),
-    "fixcaps": Architecture(FixCaps, pretrained=False),
+    "simple_cnn": Architecture(SimpleCnn, "simple_cnn", pretrained=False),
+    "resnet18": Architecture(Torchvision, "resnet18", pretrained=True),
+    "resnet50": Architecture(Torchvision, "resnet50", pretrained=True),
+    "efficientnet_b0": Architecture(Torchvision, "efficientnet_b0", pretrained=True),
+    "vit_b_16": Architecture(VitB16, "vit_b_16", pretrained=True),
+    "resnet_transformer": Architecture(ResnetTransformer, "resnet_transformer", pretrained=True),
+    "fixcaps": Architecture(FixCaps, "fixcaps", pretrained=False),
 }
 ARCHITECTURES = tuple(REGISTRY)
 

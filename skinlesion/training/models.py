@@ -18,7 +18,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from skinlesion import PipelineError
-from skinlesion.params import ARCHITECTURES as REGISTERED
+from skinlesion.params import REGISTRY
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -179,8 +179,6 @@ def _resnet_trunk(name: str, pretrained: bool, weights_path: str | None) -> tupl
 def simple_cnn(num_classes, image_size, head, pretrained, weights_path, channels=(32, 64, 128),
                dropout=0.25):
     """The notebooks' baseline: convolution blocks (conv-BN-ReLU, max-pool, dropout)."""
-    if pretrained or weights_path:
-        raise PipelineError("simple_cnn has no pretrained weights; set train.pretrained=false")
     blocks, previous = [], 3
     for width in channels:
         blocks.append(nn.Sequential(
@@ -334,8 +332,6 @@ def fixcaps(num_classes, image_size, head, pretrained, weights_path, channels=64
     """FixCaps (Lan et al., IEEE Access 2022): a large-kernel convolution, CBAM
     attention, primary capsules and class capsules with dynamic routing. Sizes are
     params; the defaults are scaled down from the paper's 299 px for CPU training."""
-    if pretrained or weights_path:
-        raise PipelineError("fixcaps has no pretrained weights; set train.pretrained=false")
     stem = nn.Sequential(nn.Conv2d(3, channels, kernel, stride, padding=kernel // 2, bias=False),
                          nn.BatchNorm2d(channels), nn.ReLU(inplace=True), CBAM(channels), nn.MaxPool2d(2))
     with torch.no_grad():
@@ -348,32 +344,27 @@ def fixcaps(num_classes, image_size, head, pretrained, weights_path, channels=64
     return Classifier(backbone, caps, ("backbone.0.3",))
 
 
-# The builder of every architecture of the registry (skinlesion.params.REGISTRY), by name.
-BUILDERS = {
-    "simple_cnn": simple_cnn,
-    "resnet18": _resnet("resnet18"),
-    "resnet50": _resnet("resnet50"),
-    "efficientnet_b0": efficientnet_b0,
-    "vit_b_16": vit_b_16,
-    "resnet_transformer": resnet_transformer,
-    "fixcaps": fixcaps,
-}
-ARCHITECTURES = BUILDERS  # the registry's names, in its order
-if tuple(BUILDERS) != REGISTERED:
-    raise ImportError(f"skinlesion.training.models.BUILDERS {tuple(BUILDERS)} and skinlesion.params.REGISTRY "
-                      f"{REGISTERED} list different architectures; give every registry entry its builder")
+resnet18 = _resnet("resnet18")
+resnet50 = _resnet("resnet50")
 
 
 def build(name: str, *, num_classes: int, image_size: int, settings: dict, head: dict,
           pretrained: bool = False, weights_path: str | None = None, patient_width: int = 0) -> Classifier:
-    """Build architecture ``name`` with its own ``settings`` (the ``models.<name>``
-    params) and the ``head`` params (``hidden``, ``dropout``); with ``patient_width``,
-    fused with that many metadata features."""
-    if name not in BUILDERS:
-        raise PipelineError(f"model is '{name}'; expected one of {', '.join(BUILDERS)}")
+    """Build architecture ``name`` of the registry (``skinlesion.params.REGISTRY``, which
+    names its builder here) with its own ``settings`` (the ``models.<name>`` params) and
+    the ``head`` params (``hidden``, ``dropout``); with ``patient_width``, fused with that
+    many metadata features."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise PipelineError(f"model is '{name}'; expected one of {', '.join(REGISTRY)}")
+    if (pretrained or weights_path) and not entry.pretrained:
+        raise PipelineError(f"{name} has no pretrained weights; set train.pretrained=false and train.weights_path=''")
+    builder = globals().get(entry.builder)
+    if not callable(builder):
+        raise PipelineError(f"the registry names '{entry.builder}' as the builder of {name}, and "
+                            f"skinlesion/training/models.py has no such function; define it there")
     try:
-        model = BUILDERS[name](num_classes, image_size, dict(head), pretrained, weights_path or None,
-                                    **(settings or {}))
+        model = builder(num_classes, image_size, dict(head), pretrained, weights_path or None, **(settings or {}))
     except TypeError as error:
         raise PipelineError(f"models.{name}: {error}") from None
     if patient_width:
