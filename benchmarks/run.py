@@ -123,7 +123,8 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
     loader_rate = count / timed(load_only, 1, 3, sync)
 
     model.eval()
-    info = {"image_size": size, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD, "classes": CLASSES}
+    info = {"architecture": name, "classes": list(CLASSES), "image_size": size, "mean": list(models.IMAGENET_MEAN),
+            "std": list(models.IMAGENET_STD)}
     predictor = inference.TorchPredictor(model, info, device)
     # Scoring runs in float32 whatever train.precision says (so PyTorch and the ONNX export
     # give the same probabilities): the baseline is the float32 forward pass.
@@ -155,7 +156,7 @@ def bench_onnx(name: str, size: int, batch: int, steps: int) -> dict:
     threads = torch.get_num_threads()
     session, _ = runtime.load(export.to_onnx(model, info), threads=threads)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    wrapper = export.Normalised(model, info["mean"], info["std"]).eval()
+    wrapper = export.Normalised(model, models.IMAGENET_MEAN, models.IMAGENET_STD).eval()
     tensor = torch.from_numpy(pixels)
 
     def pytorch_rate():

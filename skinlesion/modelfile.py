@@ -112,7 +112,7 @@ def load_members(members: list[str | Path], combine: str, device: str | torch.de
     """The model files ``members`` as one model (a ``models.Ensemble`` for several, the
     one network for one) and the description they share (the first member's)."""
     loaded = [load(member, device) for member in members]
-    _agree(members, [info for _, info in loaded])
+    _agree(members, [info.dump() for _, info in loaded])
     if len(loaded) == 1:
         return loaded[0]
     return models.Ensemble([model for model, _ in loaded], combine).eval(), loaded[0][1]
@@ -159,7 +159,7 @@ def _read(path: Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: a {FORMAT} file without {', '.join(missing)} (damaged, or written by "
                             f"another version); {HINT}")
-    modelinfo.check({key: value for key, value in payload.items() if key != "state_dict"}, str(path), HINT)
+    modelinfo.check(_description(payload), str(path), HINT)
     if not isinstance(payload["state_dict"], dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["state_dict"].items()):
         raise PipelineError(f"{path}: its state_dict is not a mapping of names to tensors (the file is damaged or "
@@ -167,19 +167,24 @@ def _read(path: Path) -> dict:
     return payload
 
 
-def _build(payload: dict, path) -> torch.nn.Module:
-    def network(description: dict) -> models.Classifier:
-        return models.build(description["architecture"], num_classes=len(payload["classes"]),
-                            image_size=payload["image_size"], settings=description["settings"],
-                            head=description["head"],
-                            patient_width=patient.width(payload["patient"]) if payload.get("patient") else 0)
+def _description(payload: dict) -> dict:
+    return {key: value for key, value in payload.items() if key != "state_dict"}
 
-    if payload["architecture"] == modelinfo.ENSEMBLE:
-        model = models.Ensemble([network(member) for member in payload["members"]], payload["settings"]["combine"])
+
+def _build(info: modelinfo.ModelInfo, state: dict, path) -> torch.nn.Module:
+    def network(description) -> models.Classifier:
+        if description.head is None:
+            raise PipelineError(f"{path}: it describes no head for its {description.architecture} network (the file "
+                                f"is damaged or was edited); {HINT}")
+        return models.build(description.architecture, num_classes=len(info.classes), image_size=info.image_size,
+                            settings=description.settings, head=description.head.model_dump(),
+                            patient_width=patient.width(info.patient.model_dump()) if info.patient else 0)
+
+    if info.is_ensemble:
+        model = models.Ensemble([network(member) for member in info.members], info.settings["combine"])
     else:
-        model = network(payload)
-    if (payload.get("scope") or {}).get("method") == "mahalanobis":
-        state = payload["state_dict"]
+        model = network(info)
+    if info.scope is not None and info.scope.method == "mahalanobis":
         if "scope.means" not in state or "scope.whitening" not in state:
             raise PipelineError(f"{path}: its out-of-scope score has no class means or whitening (the file is damaged or was "
                                 f"edited); {HINT}")
@@ -187,25 +192,25 @@ def _build(payload: dict, path) -> torch.nn.Module:
     return model
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, modelinfo.ModelInfo]:
     """The model (in eval mode, on ``device``; a ``models.Ensemble`` for an ensemble
     file) and its description."""
     payload = _read(Path(path))
+    info = modelinfo.check(_description(payload), str(path), HINT)
     # Built on the meta device, the architecture costs no memory until the file's own
     # tensors are put in its place: settings that describe a huge network cannot
     # exhaust memory beyond the size of the file itself.
     with torch.device("meta"):
-        model = _build(payload, path)
+        model = _build(info, payload["state_dict"], path)
     try:
         model.load_state_dict(payload["state_dict"], assign=True)
     except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-        raise PipelineError(f"{path}: its weights do not fit its {payload['architecture']} architecture "
+        raise PipelineError(f"{path}: its weights do not fit its {info.architecture} architecture "
                             f"({_first_line(error)}); the file is damaged or was edited; {HINT}") from None
     if any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()]):
-        raise PipelineError(f"{path}: its weights leave part of its {payload['architecture']} architecture unset; "
+        raise PipelineError(f"{path}: its weights leave part of its {info.architecture} architecture unset; "
                             f"the file is damaged or was edited; {HINT}")
     if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point()):
         raise PipelineError(f"{path}: its weights hold NaN or infinite values (a training run that diverged?); "
                             f"{HINT}")
-    info = {key: value for key, value in payload.items() if key != "state_dict"}
     return models.channels_last(model.to(device)).eval(), info

@@ -26,6 +26,10 @@ def _distinct(values: list, what: str) -> list:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    def dump(self) -> dict:
+        """The fields as the file holds them (plain data; fields it does not hold left out)."""
+        return self.model_dump(exclude_unset=True)
+
 
 class Scoring(_Strict):
     tta: Literal[TTA] = "none"
@@ -81,10 +85,11 @@ def _check_settings(architecture: str, settings: dict) -> None:
 class Member(BaseModel):
     """One network of an ensemble file."""
 
-    model_config = ConfigDict(extra="allow", strict=True)  # `training`: informative only
+    model_config = ConfigDict(extra="allow", strict=True)
     architecture: Literal[ARCHITECTURES]
     settings: dict[str, Any] = {}
     head: Head | None = None
+    training: dict[str, Any] = {}  # informative only: how it was trained
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -97,7 +102,8 @@ class ModelInfo(BaseModel):
     ensemble's ``architecture`` is ``ensemble``, its ``settings`` ``{combine: ...}``,
     and ``members`` describes each network."""
 
-    model_config = ConfigDict(extra="allow", strict=True)  # `format`, `training`: informative only
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: str | None = None  # informative only, as ``training``
     architecture: Literal[(*ARCHITECTURES, ENSEMBLE)]
     members: Annotated[list[Member], Field(min_length=2, max_length=MAX_MEMBERS)] | None = None
     settings: dict[str, Any] = {}
@@ -109,6 +115,7 @@ class ModelInfo(BaseModel):
     scoring: Scoring | None = None
     scope: Scope | None = None
     patient: Patient | None = None
+    training: dict[str, Any] = {}
 
     _classes_distinct = field_validator("classes")(lambda values: _distinct(values, "a class"))
 
@@ -130,11 +137,29 @@ class ModelInfo(BaseModel):
         return self
 
 
-def check(info: dict, where: str, hint: str) -> dict:
-    """``info`` (a model file's fields, less the weights) if every field is what it must be;
-    else a PipelineError naming ``where`` and the field."""
+    def dump(self) -> dict:
+        """The fields as the file holds them (plain data; fields it does not hold left out)."""
+        return self.model_dump(exclude_unset=True)
+
+    def replace(self, **fields) -> ModelInfo:
+        """A copy with ``fields`` set (``scoring={...}``, say), checked again."""
+        return ModelInfo.model_validate({**self.dump(), **fields})
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.members is not None
+
+    @property
+    def networks(self) -> list[Member | ModelInfo]:
+        """The description of each network: an ensemble's members, or the model itself."""
+        return list(self.members) if self.members is not None else [self]
+
+
+def check(info: dict, where: str, hint: str) -> ModelInfo:
+    """``info`` (a model file's fields, less the weights) as a ``ModelInfo`` if every field
+    is what it must be; else a PipelineError naming ``where`` and the field."""
     try:
-        ModelInfo.model_validate(info)
+        return ModelInfo.model_validate(info)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
@@ -143,4 +168,10 @@ def check(info: dict, where: str, hint: str) -> dict:
         about = f"{field}{value}: " if field else ""
         raise PipelineError(f"{where}: {about}{message[0].lower() + message[1:]} (the file is damaged or was "
                             f"edited); {hint}") from None
-    return info
+
+
+def described(info: ModelInfo | dict) -> ModelInfo:
+    """``info`` as a ``ModelInfo``: itself, or a description given as plain data, checked."""
+    if isinstance(info, ModelInfo):
+        return info
+    return check(dict(info), "the model description", "describe the model as a model file does")

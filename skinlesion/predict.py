@@ -33,6 +33,7 @@ from skinlesion.data.patient_input import column_problem, duplicate_problem, fir
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.evaluation.scope import NOTICE
 from skinlesion.files import write_csv
+from skinlesion.modelinfo import ModelInfo
 from skinlesion.progress import bar
 from skinlesion.untrusted import refuse_overwrite
 
@@ -58,7 +59,7 @@ def classify(predictor: Predictor, members: list[archives.Member], batch_size: i
     with bar(total=len(members), desc=desc, unit="img") as progress:
         for start in range(0, len(members), CHUNK):
             chunk = members[start:start + CHUNK]
-            found, pixels, failed = decode_all(chunk, predictor.info["image_size"])
+            found, pixels, failed = decode_all(chunk, predictor.info.image_size)
             rows = None
             if patient is not None:
                 ids = [Path(chunk[i].name).stem for i in found]
@@ -138,10 +139,10 @@ def to_classify(members: list[archives.Member], out: Path, include_masks: bool) 
     return kept
 
 
-def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFrame | None:
+def read_patient(path: Path | None, info: ModelInfo, model_path: Path) -> pd.DataFrame | None:
     """The --metadata table, indexed by image_id, when the model takes the patient's
     metadata; a one-line refusal when one is missing or not wanted."""
-    needed = bool(info.get("patient"))
+    needed = info.patient is not None
     if needed and path is None:
         raise PipelineError(f"{model_path} takes the patient's metadata beside each image; give --metadata CSV "
                             f"with columns image_id, age, sex, localization (blank or 'unknown' where not known)")
@@ -157,7 +158,7 @@ def read_patient(path: Path | None, info: dict, model_path: Path) -> pd.DataFram
     problem = column_problem(table.columns) or duplicate_problem(table)
     if problem:
         raise PipelineError(f"--metadata {path}: {problem}")
-    found = first_problem(table, info["patient"])
+    found = first_problem(table, info.patient.model_dump())
     if found:
         row, problem = found
         raise PipelineError(f"--metadata {path}, line {row + 2} ({table['image_id'].iloc[row]}): {problem}")
@@ -190,9 +191,9 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
             collector.close()
     frame = pd.DataFrame({"file": [printable(members[i].origin) for i in ok],
                           "image_id": [printable(Path(members[i].name).stem) for i in ok]})
-    for index, name in enumerate(info["classes"]):
+    for index, name in enumerate(info.classes):
         frame[f"p_{name}"] = probabilities[:, index].round(6)
-    frame["predicted"] = [info["classes"][i] for i in probabilities.argmax(axis=1)] if len(ok) else []
+    frame["predicted"] = [info.classes[i] for i in probabilities.argmax(axis=1)] if len(ok) else []
     frame["confidence"] = probabilities.max(axis=1).round(6) if len(ok) else []
     flags = predictor.melanoma_flags(probabilities)  # the operating point chosen on validation
     in_scope = predictor.in_scope(scores)

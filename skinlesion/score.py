@@ -21,7 +21,6 @@ import pandas as pd
 
 from skinlesion import CLASSES, PipelineError, cli, params
 from skinlesion.data import archives
-from skinlesion.data.images import decode_all
 from skinlesion.evaluation import evaluate, external
 from skinlesion.predict import check_output, count, fraction, load_predictor
 from skinlesion.untrusted import refuse_overwrite
@@ -56,8 +55,8 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     wanted = read_labels(labels) if labels is not None else None
     predictor = load_predictor(model_path)
     info = predictor.info
-    if list(info["classes"]) != list(CLASSES):
-        raise PipelineError(f"{model_path} predicts {info['classes']}, not the HAM10000 classes")
+    if list(info.classes) != list(CLASSES):
+        raise PipelineError(f"{model_path} predicts {info.classes}, not the HAM10000 classes")
 
     def labelled(frame):
         if wanted is None:
@@ -72,7 +71,7 @@ def score_source(model_path: Path, source: Path, labels: Path | None, out: Path,
     # Every file of the source may be read (its metadata CSV, its images): none may be -o, bar an
     # earlier metrics file.
     reads = lambda files: refuse_overwrite(out, [f for f in files if f.suffix.lower() != ".json"])
-    scored, pixels, errors, listed = external.load_labelled([source], info["image_size"], decode_all,
+    scored, pixels, errors, listed = external.load_labelled([source], info.image_size,
                                                             select=labelled, check=reads)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)

@@ -27,16 +27,16 @@ def main(params):
     prepared = Prepared("data/prepared")
     images = prepared.images[prepared.rows(val["image_id"])]
     # Every choice made on validation is made on float32 scores; the precision applies after.
-    predictor = inference.TorchPredictor(model, {**info, "scoring": {"precision": "fp32"}}, device)
+    predictor = inference.TorchPredictor(model, info.replace(scoring={"precision": "fp32"}), device)
     logits = predictor.view_logits(images, tta=settings.tta, batch_size=settings.batch_size,
                                    progress="calibrate", patient=predictor.patient_rows(val))
     scoring, report = calibrate.fit(logits, val["label"].to_numpy(), train["label"].to_numpy(),
                                       tta=settings.tta, adjust=settings.adjust, method=settings.method,
-                                      mel_sensitivity=settings.mel_sensitivity, classes=info["classes"],
+                                      mel_sensitivity=settings.mel_sensitivity, classes=info.classes,
                                       lesions=val["lesion_id"].to_numpy())
     scoring = {**scoring, "precision": settings.precision, "recheck": settings.recheck}
     train_images = prepared.images[prepared.rows(train["image_id"])]
-    scored = inference.TorchPredictor(model, {**info, "scoring": scoring}, device)
+    scored = inference.TorchPredictor(model, info.replace(scoring=scoring), device)
     scope, scope_state = inference.fit_scope(
         scored, settings.scope, settings.scope_retention, batch_size=settings.batch_size,
         train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),

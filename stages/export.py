@@ -14,7 +14,7 @@ def main(params):
     model, info = modelfile.load(source)
     difference = export.export(model, info, target)
     logging.info("wrote %s (%s, opset %d, %.1f MB); largest logit difference from PyTorch %.2g", target,
-                 info["architecture"], export.OPSET, target.stat().st_size / 1e6, difference)
+                 info.architecture, export.OPSET, target.stat().st_size / 1e6, difference)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from skinlesion import modelfile
 from skinlesion.cli import run_stage
-from skinlesion.data.images import decode_all
 from skinlesion.evaluation import external
 from skinlesion.files import atomic_dir, write_json
 
@@ -24,7 +23,7 @@ def main(params):
             model, info = modelfile.load(Path("models/model.pt"))
             sources = [external.locate(entry, params.external) for entry in listed]
             own = external.OwnData.of(Path("data/prepared"))
-            results = external.score_sources(model, info, sources, params.evaluate, plots, decode_all, own)
+            results = external.score_sources(model, info, sources, params.evaluate, plots, own)
     write_json(Path("metrics/external.json"), results, sort_keys=False)
     for name, result in results.items():
         logging.info("%s (%d images): balanced accuracy %.3f, accuracy %.3f, macro ROC AUC %.3f", name,

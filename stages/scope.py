@@ -31,7 +31,7 @@ def main(params):
     rows = prepared.rows(test["image_id"])
     images = prepared.images[rows]
     has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
-    sets = {"far": scope_sets.far(info["image_size"], settings.per_kind, settings.seed),
+    sets = {"far": scope_sets.far(info.image_size, settings.per_kind, settings.seed),
             "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings.per_kind, settings.seed)}
     result, scored = scope_sets.measure(predictor, images, predictor.patient_rows(test), sets,
                                         batch_size=settings.batch_size)

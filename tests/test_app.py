@@ -132,7 +132,7 @@ def test_the_endpoint_takes_the_patients_metadata_for_a_model_that_uses_it(learn
             status, answer = post(url, buffer.getvalue(), "scan.png", age="61", sex="Female", site=site)
             assert status == 200, answer
             assert answer["patient"] == {"age": "61", "sex": "female", "localization": site}
-            row = patient.encode(pd.DataFrame([answer["patient"]]), info["patient"])
+            row = patient.encode(pd.DataFrame([answer["patient"]]), info.patient.dump())
             expected = inference.TorchPredictor(model, info).probabilities(images[:1], patient=row)[0]
             np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], expected, atol=1e-6)
             assert answer["predicted"] == CLASSES[patient.SITES.index(site)]  # the site decides, as trained

@@ -86,19 +86,19 @@ def test_an_ensemble_file_round_trips_through_predict_and_onnx(tmp_path):
     target = tmp_path / "model.pt"
     modelfile.save_ensemble(paths, target, "probabilities", SCORING)
     model, info = modelfile.load(target)
-    assert isinstance(model, models.Ensemble) and info["architecture"] == "ensemble"
-    assert [m["training"]["epoch"] for m in info["members"]] == [1, 2, 3]
+    assert isinstance(model, models.Ensemble) and info.architecture == "ensemble"
+    assert [m.training["epoch"] for m in info.members] == [1, 2, 3]
     pixels = images(7, 32)
     loaded = inference.TorchPredictor(model, info).probabilities(pixels)
     networks = [modelfile.load(path)[0] for path in paths]
-    fresh = inference.TorchPredictor(models.Ensemble(networks), {**info, "scoring": SCORING}).probabilities(pixels)
+    fresh = inference.TorchPredictor(models.Ensemble(networks), info.replace(scoring=SCORING)).probabilities(pixels)
     np.testing.assert_allclose(loaded, fresh, atol=1e-6)
 
     onnx_path = tmp_path / "model.onnx"
     difference = export.export(model, info, onnx_path)
     assert difference < 1e-4
     session, onnx_info = runtime.load(onnx_path)
-    assert onnx_info["architecture"] == "ensemble" and len(onnx_info["members"]) == 3
+    assert onnx_info.architecture == "ensemble" and len(onnx_info.members) == 3
     through_onnx = runtime.OnnxPredictor(session, onnx_info).probabilities(pixels)
     assert float(np.abs(through_onnx - loaded).max()) < 1e-4
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlesion import CLASSES, PipelineError, modelfile
+from skinlesion import CLASSES, PipelineError, modelfile, params
 from skinlesion.deployment import export, runtime
 from skinlesion.evaluation import inference
 from skinlesion.training import models
@@ -43,7 +43,7 @@ def images(count: int, size: int, seed: int = 1) -> np.ndarray:
 
 # The export of the larger networks takes seconds each; simple_cnn stays in the quick run.
 @pytest.mark.parametrize("name", [name if name == "simple_cnn" else pytest.param(name, marks=pytest.mark.slow)
-                                  for name in models.ARCHITECTURES])
+                                  for name in params.ARCHITECTURES])
 def test_onnx_runtime_matches_pytorch_with_a_free_batch_size(name):
     model, info = small_model(name)
     proto = export.to_onnx(model, info, example_batch=2)
@@ -74,7 +74,7 @@ def test_the_file_carries_classes_size_normalisation_and_scoring(tmp_path):
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["format"] == "skinlesion-onnx/1" and "NHWC" in props["input"] and "logits" in props["output"]
     _, loaded = runtime.load(tmp_path / "model.onnx")
-    assert loaded == {key: info[key] for key in ("architecture", "classes", "image_size", "mean", "std", "scoring")}
+    assert loaded.dump() == {key: info[key] for key in ("architecture", "classes", "image_size", "mean", "std", "scoring")}
     # identical inputs give identical bytes, so DVC sees an unchanged output
     export.export(model, info, tmp_path / "again.onnx")
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
@@ -133,8 +133,8 @@ def test_export_stage_and_prediction_on_the_onnx_file(synthetic_zips, tmp_path):
     assert "Running stage 'export'" in result.stdout and "Running stage 'evaluate'" not in result.stdout
     assert "largest logit difference from PyTorch" in result.stderr
     session, info = runtime.load(project / "models/model.onnx")
-    assert info["classes"] == list(CLASSES) and info["image_size"] == 32
-    assert info["scoring"]["tta"] == "flips" and "mel_threshold" in info["scoring"]
+    assert info.classes == list(CLASSES) and info.image_size == 32
+    assert info.scoring.tta == "flips" and info.scoring.mel_threshold is not None
     tables = {}
     for name in ("model.pt", "model.onnx"):
         out = tmp_path / f"{name}.csv"
@@ -150,7 +150,7 @@ def test_export_stage_and_prediction_on_the_onnx_file(synthetic_zips, tmp_path):
     # ONNX scores in float32; the PyTorch path in the file's precision (bf16 where the CPU
     # has it, the answers near a decision again in float32): within the recheck margin.
     model_info = modelfile.load(project / "models/model.pt")[1]
-    reduced = inference.scoring_dtype(model_info["scoring"]["precision"], torch.device("cpu")) is not None
-    bound = model_info["scoring"]["recheck"] if reduced else 1e-4
+    reduced = inference.scoring_dtype(model_info.scoring.precision, torch.device("cpu")) is not None
+    bound = model_info.scoring.recheck if reduced else 1e-4
     np.testing.assert_allclose(tables["model.onnx"][columns], tables["model.pt"][columns], atol=bound)
     assert run(["dvc", "status", "export"], project).stdout.strip().endswith("up to date.")

@@ -67,7 +67,7 @@ def test_a_metadata_model_learns_what_only_the_metadata_tells(learned):
 def test_its_model_file_records_the_encoding_and_scoring_needs_the_metadata(learned):
     path, images, frame, labels, _, _ = learned
     model, info = modelfile.load(path)
-    assert info["patient"] == patient.encoding()
+    assert info.patient.dump() == patient.encoding()
     predictor = inference.TorchPredictor(model, info)
     rows = predictor.patient_rows(frame)
     predicted = predictor.probabilities(images, patient=rows).argmax(axis=1)
@@ -87,7 +87,7 @@ def test_its_onnx_export_takes_the_metadata_as_a_second_input(learned, tmp_path)
     model, info = modelfile.load(path)
     assert export.export(model, info, tmp_path / "model.onnx") < 1e-3
     session, described = runtime.load(tmp_path / "model.onnx")
-    assert described["patient"] == patient.encoding()
+    assert described.patient.dump() == patient.encoding()
     on_onnx = runtime.OnnxPredictor(session, described)
     rows = on_onnx.patient_rows(frame)
     onnx_p = on_onnx.probabilities(images, patient=rows)

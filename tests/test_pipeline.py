@@ -172,7 +172,7 @@ def test_adding_a_member_trains_it_alone_and_removing_it_retrains_nothing(projec
         assert ran(result.stdout) == ["train@7", *AFTER_TRAIN]
         assert outs(project)["models/members/42.pt"] == before["models/members/42.pt"]
         _, info = modelfile.load(project / "models/model.pt")
-        assert info["architecture"] == "ensemble" and len(info["members"]) == 2
+        assert info.architecture == "ensemble" and len(info.members) == 2
         assert "2 member(s)" in result.stderr
         assert json.loads((project / "metrics/calibrate.json").read_text())["members"] == 2
     finally:
@@ -250,7 +250,7 @@ def test_evaluate_writes_intervals_and_a_model_card_generated_from_them(project)
     from skinlesion import modelfile
 
     _, info = modelfile.load(project / "models/model.pt")
-    assert {"tta", "tau", "temperature", "mel_threshold", "log_prior"} <= set(info["scoring"])
+    assert {"tta", "tau", "temperature", "mel_threshold", "log_prior"} <= set(info.scoring.dump())
     assert "Also takes the patient's age, sex and body site" in card  # the default model does
 
 
@@ -300,8 +300,8 @@ def test_the_patients_metadata_runs_through_every_stage_and_can_be_left_out(proj
 
     # on by default: the baseline model takes age, sex and site
     _, info = modelfile.load(project / "models/model.pt")
-    assert info["patient"]["sex"] == ["male", "female"] and "scoring" in info
-    assert runtime.load(project / "models/model.onnx")[1]["patient"] == info["patient"]
+    assert info.patient.sex == ["male", "female"] and info.scoring is not None
+    assert runtime.load(project / "models/model.onnx")[1].patient == info.patient
     split = pd.read_csv(project / "data/split/test.csv")
     assert {"age", "sex", "localization"} <= set(split.columns)
     # --score reads the source's own metadata CSV: the same numbers as the evaluate stage

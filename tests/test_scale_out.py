@@ -33,7 +33,7 @@ def test_two_processes_under_torchrun_train_one_model(project):
     summary = json.loads((project / "metrics/train/42/metrics.json").read_text())
     assert summary["processes"] == 2 and summary["epochs_run"] == 3
     model, info = modelfile.load(project / "models/model.pt")  # one model file, loadable
-    assert info["architecture"] == "simple_cnn"
+    assert info.architecture == "simple_cnn"
     loss = pd.read_csv(project / "metrics/train/42/plots/metrics/train/loss.tsv", sep="\t")["loss"]
     assert list(loss.index) == [0, 1, 2] and loss.iloc[-1] < loss.iloc[0]
     assert result.stderr.count("epoch 1/3") == 1  # only rank 0 logs

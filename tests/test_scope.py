@@ -118,7 +118,7 @@ def scoped_model_file(tmp_path, members=1):
     """A model file carrying the Mahalanobis score, fitted on random 'train' images."""
     paths = saved_members(tmp_path, members)
     model, info = modelfile.load_members(paths, "probabilities")
-    predictor = inference.TorchPredictor(model, {**info, "scoring": SCORING})
+    predictor = inference.TorchPredictor(model, info.replace(scoring=SCORING))
     train = images(70, 32, seed=3)
     state = inference.attach_mahalanobis(predictor, (train, np.arange(70) % 7, None))
     val = images(40, 32, seed=4)
@@ -137,16 +137,16 @@ def scoped_model_file(tmp_path, members=1):
 def test_a_model_file_carries_the_score_through_predict_and_onnx(tmp_path, members):
     target, fitted = scoped_model_file(tmp_path, members)
     model, info = modelfile.load(target)
-    assert info["scope"]["method"] == "mahalanobis" and model.scope.means.shape[0] == len(CLASSES)
+    assert info.scope.method == "mahalanobis" and model.scope.means.shape[0] == len(CLASSES)
     loaded = inference.TorchPredictor(model, info)
     inside, outside = images(6, 32, seed=3), far_sample()
     pixels = np.concatenate([inside, outside])
     scores = loaded.scope_scores(pixels)
     np.testing.assert_allclose(scores, fitted.scope_scores(pixels), rtol=1e-5)
-    assert loaded.in_scope(scores).tolist() == (scores <= info["scope"]["threshold"]).tolist()
+    assert loaded.in_scope(scores).tolist() == (scores <= info.scope.threshold).tolist()
     assert export.export(model, info, tmp_path / "model.onnx") < 1e-3
     session, onnx_info = runtime.load(tmp_path / "model.onnx")
-    assert onnx_info["scope"] == info["scope"]
+    assert onnx_info.scope == info.scope
     onnx_scores = runtime.OnnxPredictor(session, onnx_info).scope_scores(pixels)
     assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3
 
@@ -175,7 +175,7 @@ def test_the_page_answers_an_image_out_of_scope_with_a_notice(tmp_path):
     buffer = BytesIO()
     Image.fromarray(board).save(buffer, format="PNG")
     answer = analyst.analyse("board.png", buffer.getvalue())
-    assert answer["in_scope"] is False and answer["scope_score"] > analyst.info["scope"]["threshold"]
+    assert answer["in_scope"] is False and answer["scope_score"] > analyst.info.scope.threshold
     assert answer["melanoma"] is None or answer["melanoma"]["flag"] is False
 
 
@@ -218,12 +218,12 @@ def test_one_pass_over_the_views_gives_what_the_separate_passes_give(tmp_path):
     on_torch = inference.TorchPredictor(model, info)
     assert not on_torch.reduced
     logits, probabilities, scores = on_torch.answer(pixels)
-    np.testing.assert_array_equal(logits, on_torch.view_logits(pixels, tta=info["scoring"]["tta"]))
+    np.testing.assert_array_equal(logits, on_torch.view_logits(pixels, tta=info.scoring.tta))
     np.testing.assert_allclose(scores, on_torch.plain_outputs(pixels)[1], rtol=1e-6)  # a separate plain pass
     export.export(model, info, tmp_path / "model.onnx")
     on_onnx = runtime.OnnxPredictor(*runtime.load(tmp_path / "model.onnx"))
     onnx_logits, onnx_probabilities, onnx_scores = on_onnx.answer(pixels)
-    np.testing.assert_array_equal(onnx_logits, on_onnx.view_logits(pixels, tta=info["scoring"]["tta"]))
+    np.testing.assert_array_equal(onnx_logits, on_onnx.view_logits(pixels, tta=info.scoring.tta))
     np.testing.assert_allclose(onnx_scores, on_onnx.plain_outputs(pixels)[1], rtol=1e-6)
     np.testing.assert_allclose(onnx_probabilities, probabilities, atol=1e-4)
     assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3

@@ -20,14 +20,15 @@ needs_bf16 = pytest.mark.skipif(not inference.scoring_dtype("auto", torch.device
 
 def predictors(model, info, **scoring):
     """The same network scored in float32 and in bf16 with ``scoring``'s settings."""
-    base = {**info, "scoring": {**SCORING, **(info.get("scoring") or {}), **scoring}}
-    exact = inference.TorchPredictor(model, {**base, "scoring": {**base["scoring"], "precision": "fp32"}})
-    reduced = inference.TorchPredictor(model, {**base, "scoring": {**base["scoring"], "precision": "bf16"}})
+    base = {**SCORING, **(info.scoring.dump() if info.scoring else {}), **scoring}
+    exact = inference.TorchPredictor(model, info.replace(scoring={**base, "precision": "fp32"}))
+    reduced = inference.TorchPredictor(model, info.replace(scoring={**base, "precision": "bf16"}))
     return exact, reduced
 
 
 def test_the_rows_near_a_decision_are_the_close_top_two_and_the_close_melanoma_ones():
-    predictor = Predictor({"classes": CLASSES, "scoring": {"mel_threshold": 0.30, "recheck": 0.05}})
+    predictor = Predictor({"architecture": "simple_cnn", "classes": CLASSES, "image_size": 32, "mean": [0.5] * 3,
+                           "std": [0.25] * 3, "scoring": {"mel_threshold": 0.30, "recheck": 0.05}})
     rows = np.full((4, 7), 0.02)
     rows[0, [5, 6]] = 0.50, 0.38           # clear winner, melanoma far from its threshold
     rows[1, [5, 6]] = 0.44, 0.42           # top two 0.02 apart
@@ -39,7 +40,7 @@ def test_the_rows_near_a_decision_are_the_close_top_two_and_the_close_melanoma_o
 def test_fp32_and_a_file_naming_no_precision_score_in_float32():
     model, info = modelfile.load(saved_members_path())
     assert not inference.TorchPredictor(model, info).reduced  # no scoring.precision: float32
-    assert not inference.TorchPredictor(model, {**info, "scoring": {"precision": "fp32"}}).reduced
+    assert not inference.TorchPredictor(model, info.replace(scoring={"precision": "fp32"})).reduced
 
 
 @needs_bf16
@@ -67,7 +68,7 @@ def test_in_bf16_the_answers_near_a_decision_are_float32s_and_the_rest_the_bf16_
 
     # The out-of-scope decision likewise: near the threshold the float32 score decides.
     exact_scores, scores = exact.scope_scores(pixels), reduced.scope_scores(pixels)
-    threshold = info["scope"]["threshold"]
+    threshold = info.scope.threshold
     near = np.abs(alone.scope_scores(pixels) - threshold) <= margin * max(abs(threshold), 1.0)
     assert near.any()
     _, _, answered = reduced.answer(pixels)  # the one-pass path: the same scores

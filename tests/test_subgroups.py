@@ -90,7 +90,7 @@ def test_the_card_shows_the_groups_flags_the_worse_one_and_says_when_calibration
     spoiled = probabilities.copy()
     spoiled[women] = np.random.default_rng(5).dirichlet(np.ones(7), women.sum())
     groups = subgroups.table(frame, labels, spoiled, frame["lesion_id"].to_numpy(), resamples=50, seed=1)
-    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec"], "image_size": 64,
+    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec", "bcc"], "image_size": 64,
             "mean": [0.5] * 3, "std": [0.2] * 3, "scope": {"method": "mahalanobis", "threshold": 812.5,
                                                           "retention": 0.95}}
     test = {"balanced_accuracy": 0.6, "accuracy": 0.7, "macro_f1": 0.5, "macro_roc_auc": 0.9, "images": 600,
@@ -108,7 +108,7 @@ def test_the_card_shows_the_groups_flags_the_worse_one_and_says_when_calibration
 def test_the_card_says_when_validation_chose_no_temperature():
     from skinlesion.evaluation import card
 
-    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec"], "image_size": 64,
+    info = {"architecture": "resnet18", "settings": {}, "head": None, "classes": ["akiec", "bcc"], "image_size": 64,
             "mean": [0.5] * 3, "std": [0.2] * 3}
     test = {"balanced_accuracy": 0.6, "accuracy": 0.7, "macro_f1": 0.5, "macro_roc_auc": 0.9, "images": 600,
             "lesions": 300, "recall": {c: 0.5 for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")},

@@ -74,10 +74,10 @@ def test_one_epoch_writes_a_self_describing_model(data, tmp_path):
     assert summary["epochs_run"] == 1 and summary["best_epoch"] == 1 and summary["parameters"] > 0
     assert 0 < summary["train_seconds"] < 600
     model, info = modelfile.load(tmp_path / "model.pt")
-    assert info["architecture"] == "simple_cnn" and info["image_size"] == 32
-    assert info["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-    assert info["mean"] == [0.485, 0.456, 0.406] and info["training"]["epoch"] == 1
-    loader = ArrayLoader(data.val_images, data.val_labels, batch_size=8, mean=info["mean"], std=info["std"],
+    assert info.architecture == "simple_cnn" and info.image_size == 32
+    assert info.classes == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert info.mean == [0.485, 0.456, 0.406] and info.training["epoch"] == 1
+    loader = ArrayLoader(data.val_images, data.val_labels, batch_size=8, mean=info.mean, std=info.std,
                          device=torch.device("cpu"))
     probabilities, _ = train.probabilities(model, loader, None)
     again = headline(data.val_labels, probabilities)

@@ -58,18 +58,19 @@ class Analyst:
     def __init__(self, model_path: Path):
         self.model, self.info = modelfile.load(model_path)
         self.predictor = inference.TorchPredictor(self.model, self.info)
-        self.patient = self.info.get("patient")  # the metadata encoding of a model that takes it
+        # the metadata encoding of a model that takes it
+        self.patient = None if self.info.patient is None else self.info.patient.model_dump()
         self.scoring = self.predictor.scoring
         self.lock = threading.Lock()
         self.admitted = threading.BoundedSemaphore(ADMITTED)
         self.decoders = threading.BoundedSemaphore(DECODERS)
 
     def describe(self) -> dict:
-        members = self.info.get("members")
-        architecture = self.info["architecture"] if not members else \
-            f"ensemble of {len(members)} ({', '.join(member['architecture'] for member in members)})"
-        return {"architecture": architecture, "classes": list(self.info["classes"]),
-                "image_size": self.info["image_size"], "tta": self.scoring["tta"],
+        members = self.info.members
+        architecture = self.info.architecture if not members else \
+            f"ensemble of {len(members)} ({', '.join(member.architecture for member in members)})"
+        return {"architecture": architecture, "classes": list(self.info.classes),
+                "image_size": self.info.image_size, "tta": self.scoring["tta"],
                 "mel_threshold": self.scoring.get("mel_threshold"), "notice": NOTICE,
                 "patient": None if not self.patient else {"sex": list(self.patient["sex"]), "max_age": MAX_AGE,
                                                           "localization": list(self.patient["localization"])}}
@@ -88,10 +89,10 @@ class Analyst:
             rows = patient.encode(pd.DataFrame([given]), self.patient)
         member = archives.Member(origin=name, name=name, size=len(data), open=lambda: BytesIO(data))
         with self.decoders:
-            _, pixels, errors = decode_all([member], self.info["image_size"])
+            _, pixels, errors = decode_all([member], self.info.image_size)
         if errors:
             return {"file": name, "error": errors[0]}
-        classes = list(self.info["classes"])
+        classes = list(self.info.classes)
         with self.lock:
             _, probabilities, scores = self.predictor.answer(pixels, patient=rows)
             in_scope = self.predictor.in_scope(scores)

@@ -31,6 +31,7 @@ from skinlesion.deployment import runtime
 from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT, PATIENT, SCOPE
 from skinlesion.evaluation.inference import normalise
 from skinlesion.files import atomic_path
+from skinlesion.modelinfo import ModelInfo, described
 
 OPSET = 18  # the opset torch's exporter (torch.onnx, dynamo=True) translates to natively
 TOLERANCE = 1e-3  # largest |logit difference| from PyTorch accepted when the export checks itself
@@ -67,27 +68,29 @@ class NormalisedWithPatient(Normalised):
         return self.answer((images.permute(0, 3, 1, 2).float() - self.pixel_mean) / self.pixel_std, patient)
 
 
-def metadata(info: dict) -> dict[str, str]:
+def metadata(info: ModelInfo | dict) -> dict[str, str]:
     """The model file's description, as the ONNX file's metadata."""
-    size = int(info["image_size"])
-    props = {"format": FORMAT, "architecture": info["architecture"], "classes": json.dumps(list(info["classes"])),
-             "image_size": str(size), "mean": json.dumps(list(info["mean"])), "std": json.dumps(list(info["std"])),
+    info = described(info)
+    size = info.image_size
+    props = {"format": FORMAT, "architecture": info.architecture, "classes": json.dumps(list(info.classes)),
+             "image_size": str(size), "mean": json.dumps(list(info.mean)), "std": json.dumps(list(info.std)),
              "input": f"{INPUT}: uint8 RGB, N x {size} x {size} x 3 (NHWC), normalised inside the graph",
-             "output": f"{OUTPUT}: float32 N x {len(info['classes'])} raw logits, before the scoring"}
-    if info.get("scoring"):
-        props["scoring"] = json.dumps(info["scoring"], sort_keys=True)
-    if info.get("scope"):
-        props["scope"] = json.dumps(info["scope"], sort_keys=True)
-        if info["scope"]["method"] == "mahalanobis":
+             "output": f"{OUTPUT}: float32 N x {len(info.classes)} raw logits, before the scoring"}
+    if info.scoring is not None and info.scoring.dump():
+        props["scoring"] = json.dumps(info.scoring.dump(), sort_keys=True)
+    if info.scope is not None:
+        props["scope"] = json.dumps(info.scope.dump(), sort_keys=True)
+        if info.scope.method == "mahalanobis":
             props["output"] += f"; {SCOPE}: float32 N, the out-of-scope distance (compared with scope.threshold)"
-    if info.get("members"):  # an ensemble: its combination and members, the graph averaging them inside
-        props["settings"] = json.dumps(info["settings"], sort_keys=True)
-        props["members"] = json.dumps([{key: member[key] for key in ("architecture", "settings", "head")}
-                                       for member in info["members"]], sort_keys=True)
-        props["output"] += f" (the {len(info['members'])} members combined by their {info['settings']['combine']})"
-    if info.get("patient"):
-        props["patient"] = json.dumps(info["patient"], sort_keys=True)
-        props["input"] += f"; {PATIENT}: float32 N x {patient.width(info['patient'])}, the encoded metadata"
+    if info.is_ensemble:  # an ensemble: its combination and members, the graph averaging them inside
+        props["settings"] = json.dumps(info.settings, sort_keys=True)
+        props["members"] = json.dumps([{"architecture": member.architecture, "settings": member.settings,
+                                        "head": None if member.head is None else member.head.model_dump()}
+                                       for member in info.members], sort_keys=True)
+        props["output"] += f" (the {len(info.members)} members combined by their {info.settings['combine']})"
+    if info.patient is not None:
+        props["patient"] = json.dumps(info.patient.dump(), sort_keys=True)
+        props["input"] += f"; {PATIENT}: float32 N x {patient.width(info.patient.dump())}, the encoded metadata"
     return props
 
 
@@ -96,24 +99,25 @@ def _example(size: int, batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
 
 
-def _example_patient(info: dict, batch: int) -> tuple[torch.Tensor, ...]:
+def _example_patient(info: ModelInfo, batch: int) -> tuple[torch.Tensor, ...]:
     """Encoded metadata rows for a model that takes them (ages spread, sites cycled), else ()."""
-    if not info.get("patient"):
+    if info.patient is None:
         return ()
     import pandas as pd
 
-    spec = info["patient"]
+    spec = info.patient
     frame = pd.DataFrame({"age": [str(20 + 15 * i) for i in range(batch)],
-                          "sex": [spec["sex"][i % len(spec["sex"])] for i in range(batch)],
-                          "localization": [spec["localization"][i % len(spec["localization"])] for i in range(batch)]})
-    return (torch.from_numpy(patient.encode(frame, spec)),)
+                          "sex": [spec.sex[i % len(spec.sex)] for i in range(batch)],
+                          "localization": [spec.localization[i % len(spec.localization)] for i in range(batch)]})
+    return (torch.from_numpy(patient.encode(frame, spec.dump())),)
 
 
-def to_onnx(model: nn.Module, info: dict, example_batch: int = 2) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, info: ModelInfo | dict, example_batch: int = 2) -> onnx.ModelProto:
     """The model (in eval mode) with its metadata as an ONNX model whose batch axis is free."""
-    wrapper = (NormalisedWithPatient if info.get("patient") else Normalised)(model, info["mean"], info["std"]).eval()
-    example = (_example(int(info["image_size"]), example_batch), *_example_patient(info, example_batch))
-    name = info["architecture"]
+    info = described(info)
+    wrapper = (NormalisedWithPatient if info.patient is not None else Normalised)(model, info.mean, info.std).eval()
+    example = (_example(info.image_size, example_batch), *_example_patient(info, example_batch))
+    name = info.architecture
     batch = torch.export.Dim("batch", min=1)
     shapes = {"images": {0: batch}, **({"patient": {0: batch}} if len(example) > 1 else {})}
     names = [INPUT, PATIENT][:len(example)]
@@ -140,11 +144,12 @@ def to_onnx(model: nn.Module, info: dict, example_batch: int = 2) -> onnx.ModelP
     return proto
 
 
-def largest_difference(proto_or_path, model: nn.Module, info: dict, batch: int = 3) -> float:
+def largest_difference(proto_or_path, model: nn.Module, info: ModelInfo | dict, batch: int = 3) -> float:
     """Largest |logit| difference between ONNX Runtime and PyTorch on ``batch`` random
     images (a batch size other than the example's, so the free batch axis is exercised)."""
+    info = described(info)
     session, _ = runtime.load(proto_or_path)
-    images = _example(int(info["image_size"]), batch).numpy()
+    images = _example(info.image_size, batch).numpy()
     extra = _example_patient(info, batch)
     feed = {INPUT: images, **({PATIENT: extra[0].numpy()} if extra else {})}
     got = session.run([OUTPUT], feed)[0]
@@ -160,14 +165,15 @@ def largest_difference(proto_or_path, model: nn.Module, info: dict, batch: int =
     return difference
 
 
-def export(model: nn.Module, info: dict, path: str | Path) -> float:
+def export(model: nn.Module, info: ModelInfo | dict, path: str | Path) -> float:
     """Write the ONNX file to ``path`` after checking it against PyTorch; returns the
     largest logit difference seen. Nothing is written if the check fails."""
+    info = described(info)
     proto = to_onnx(model, info)
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         difference = largest_difference(tmp, model, info)
         if not difference <= TOLERANCE:
-            raise PipelineError(f"the ONNX export of {info['architecture']} differs from PyTorch by {difference:.2g} "
+            raise PipelineError(f"the ONNX export of {info.architecture} differs from PyTorch by {difference:.2g} "
                                 f"in the logits (more than {TOLERANCE}); keep using {Path(path).with_suffix('.pt')}")
     return difference

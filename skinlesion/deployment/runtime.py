@@ -58,8 +58,7 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
         except ValueError:
             raise PipelineError(f"{where}: its metadata field {key} is not JSON ({shown(props[key])!r}; the file is "
                                 f"damaged or was edited); {hint}") from None
-    modelinfo.check(info, where, hint)
-    return session, info
+    return session, modelinfo.check(info, where, hint)
 
 
 def _views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
@@ -72,15 +71,15 @@ def _views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(view) for view in views]
 
 
-def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, tta: str,
+def view_logits(session: onnxruntime.InferenceSession, info: modelinfo.ModelInfo, images: np.ndarray, *, tta: str,
                 batch_size: int = 128, progress: str | None = None, patient: np.ndarray | None = None) -> np.ndarray:
     """V x N x classes raw logits, one slice per test-time view of ``tta``; ``patient``:
     the encoded metadata rows, for a model that takes them."""
-    if bool(info.get("patient")) != (patient is not None):
+    if (info.patient is not None) != (patient is not None):
         raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
-                            "given" if info.get("patient") else "this model takes no patient metadata")
+                            "given" if info.patient is not None else "this model takes no patient metadata")
     check_views(tta, images, info)
-    out = [np.zeros((view_count(tta), 0, len(info["classes"])), np.float32)]
+    out = [np.zeros((view_count(tta), 0, len(info.classes)), np.float32)]
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
@@ -89,18 +88,18 @@ def view_logits(session: onnxruntime.InferenceSession, info: dict, images: np.nd
     return np.concatenate(out, axis=1)
 
 
-def view_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, tta: str,
+def view_outputs(session: onnxruntime.InferenceSession, info: modelinfo.ModelInfo, images: np.ndarray, *, tta: str,
                  batch_size: int = 128, progress: str | None = None, patient: np.ndarray | None = None):
     """``view_logits`` and, for a graph with the out-of-scope output, the plain view's
     distances from the same runs; else None."""
     if SCOPE not in [output.name for output in session.get_outputs()]:
         return view_logits(session, info, images, tta=tta, batch_size=batch_size, progress=progress,
                            patient=patient), None
-    if bool(info.get("patient")) != (patient is not None):
+    if (info.patient is not None) != (patient is not None):
         raise PipelineError("this model takes the patient's metadata (age, sex, site) beside the image; none was "
-                            "given" if info.get("patient") else "this model takes no patient metadata")
+                            "given" if info.patient is not None else "this model takes no patient metadata")
     check_views(tta, images, info)
-    out, distances = [np.zeros((view_count(tta), 0, len(info["classes"])), np.float32)], [np.zeros(0, np.float32)]
+    out, distances = [np.zeros((view_count(tta), 0, len(info.classes)), np.float32)], [np.zeros(0, np.float32)]
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
@@ -112,13 +111,13 @@ def view_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.n
     return np.concatenate(out, axis=1), np.concatenate(distances)
 
 
-def plain_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.ndarray, *, batch_size: int = 128,
+def plain_outputs(session: onnxruntime.InferenceSession, info: modelinfo.ModelInfo, images: np.ndarray, *, batch_size: int = 128,
                   patient: np.ndarray | None = None, progress: str | None = None):
     """The plain view's logits and, for a graph with the out-of-scope output, the distances."""
     check_views("none", images, info)
     has_scope = SCOPE in [output.name for output in session.get_outputs()]
     names = [OUTPUT, SCOPE] if has_scope else [OUTPUT]
-    logits, distances = [np.zeros((0, len(info["classes"])), np.float32)], [np.zeros(0, np.float32)]
+    logits, distances = [np.zeros((0, len(info.classes)), np.float32)], [np.zeros(0, np.float32)]
     starts = range(0, len(images), batch_size)
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         feed = {INPUT: np.asarray(images[start:start + batch_size], dtype=np.uint8)}
@@ -134,7 +133,7 @@ def plain_outputs(session: onnxruntime.InferenceSession, info: dict, images: np.
 class OnnxPredictor(Predictor):
     """An ONNX export on ONNX Runtime (the CPU)."""
 
-    def __init__(self, session: onnxruntime.InferenceSession, info: dict):
+    def __init__(self, session: onnxruntime.InferenceSession, info: modelinfo.ModelInfo):
         super().__init__(info)
         self.session = session
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from skinlesion import CLASSES
 from skinlesion.evaluation.subgroups import MIN_IMAGES
 from skinlesion.files import atomic_path
+from skinlesion.modelinfo import ModelInfo, Scoring, described
 
 
 def _ci(value: float, interval: dict | None) -> str:
@@ -17,68 +18,71 @@ def _ci(value: float, interval: dict | None) -> str:
     return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
-def _architecture(info: dict) -> list[str]:
-    if not info.get("members"):
-        return [f"- Architecture: `{info['architecture']}`, settings `{info.get('settings') or {}}`, "
-                f"head `{info.get('head')}`"]
-    lines = [f"- An ensemble of {len(info['members'])} members, their {info['settings']['combine']} averaged "
+def _head(description) -> dict | None:
+    return None if description.head is None else description.head.model_dump()
+
+
+def _architecture(info: ModelInfo) -> list[str]:
+    if not info.is_ensemble:
+        return [f"- Architecture: `{info.architecture}`, settings `{info.settings}`, head `{_head(info)}`"]
+    lines = [f"- An ensemble of {len(info.members)} members, their {info.settings['combine']} averaged "
              f"(each member sees every test-time view):"]
-    for index, member in enumerate(info["members"]):
-        training = member.get("training") or {}
-        lines.append(f"  {index + 1}. `{member['architecture']}`, settings `{member.get('settings') or {}}`, head "
-                     f"`{member.get('head')}`; epoch kept {training.get('epoch', '?')} (chosen on validation)")
+    for index, member in enumerate(info.members):
+        lines.append(f"  {index + 1}. `{member.architecture}`, settings `{member.settings}`, head "
+                     f"`{_head(member)}`; epoch kept {member.training.get('epoch', '?')} (chosen on validation)")
     return lines
 
 
-def render(info: dict, split: dict, test: dict, external: dict[str, dict] | None = None, groups=None) -> str:
-    scoring = info.get("scoring") or {}
-    training = info.get("training") or {}
+def render(info: ModelInfo | dict, split: dict, test: dict, external: dict[str, dict] | None = None,
+           groups=None) -> str:
+    info = described(info)
+    scoring = info.scoring or Scoring()
     lines = [
-        f"# Model card: {info['architecture']} for HAM10000 skin-lesion classification", "",
+        f"# Model card: {info.architecture} for HAM10000 skin-lesion classification", "",
         "**Intended use: research and teaching, not a diagnosis.** It must not be used to decide the care of a "
         "patient. It has seen only dermatoscopic images from the HAM10000 collection.", "",
         "## Model", "",
         *_architecture(info),
-        f"- Input: {info['image_size']} x {info['image_size']} RGB (HAM10000's 4:3 frames squashed, not cropped), "
-        f"normalised with mean {info['mean']} and std {info['std']}",
-        f"- Classes, in output order: {', '.join(info['classes'])}",
-        *([f"- Also takes the patient's age, sex and body site (sexes {', '.join(info['patient']['sex'])}; sites "
-           f"{', '.join(info['patient']['localization'])}; each may be blank or unknown, which has its own encoding): "
-           f"prediction needs them (`--metadata` CSV, or the page's form)"] if info.get("patient") else []),
-        *([] if info.get("members") else
-          [f"- Epoch kept: {training.get('epoch', '?')} (chosen on the validation split)"]), "",
+        f"- Input: {info.image_size} x {info.image_size} RGB (HAM10000's 4:3 frames squashed, not cropped), "
+        f"normalised with mean {info.mean} and std {info.std}",
+        f"- Classes, in output order: {', '.join(info.classes)}",
+        *([f"- Also takes the patient's age, sex and body site (sexes {', '.join(info.patient.sex)}; sites "
+           f"{', '.join(info.patient.localization)}; each may be blank or unknown, which has its own encoding): "
+           f"prediction needs them (`--metadata` CSV, or the page's form)"] if info.patient is not None else []),
+        *([] if info.is_ensemble else
+          [f"- Epoch kept: {info.training.get('epoch', '?')} (chosen on the validation split)"]), "",
         "## How it is scored (chosen on the validation split)", "",
-        f"- Test-time augmentation: `{scoring.get('tta', 'none')}` (softmax averaged over the views)",
-        f"- Post-hoc logit adjustment: tau = {scoring.get('tau', 0.0):g} (logits - tau * log(train class prior))",
+        f"- Test-time augmentation: `{scoring.tta}` (softmax averaged over the views)",
+        f"- Post-hoc logit adjustment: tau = {scoring.tau:g} (logits - tau * log(train class prior))",
         _temperature(scoring),
     ]
-    if "mel_threshold" in scoring:
-        lines.append(f"- Melanoma flag: probability of mel >= {scoring['mel_threshold']:.4f}")
+    if scoring.mel_threshold is not None:
+        lines.append(f"- Melanoma flag: probability of mel >= {scoring.mel_threshold:.4f}")
     return "\n".join(lines + _scope(info) + _data(split) + _results(test) + _calibration(test, scoring) + _groups(groups)
                      + _external(external) + LIMITATIONS)
 
 
-def _scope(info: dict) -> list[str]:
-    scope = info.get("scope")
-    if not scope:
+def _scope(info: ModelInfo) -> list[str]:
+    scope = info.scope
+    if scope is None:
         return ["- Out-of-scope score: none; every image gets an answer, however unlike the training data"]
-    return [f"- Out-of-scope score: `{scope['method']}`; an image scoring above {scope['threshold']:.4g} (the "
-            f"threshold that keeps {scope['retention']:.0%} of the validation images) gets no diagnosis and no "
+    return [f"- Out-of-scope score: `{scope.method}`; an image scoring above {scope.threshold:.4g} (the "
+            f"threshold that keeps {scope.retention:.0%} of the validation images) gets no diagnosis and no "
             f"melanoma flag: \"this does not look like the dermatoscopic images the model was trained on\""]
 
 
-def _temperature(scoring: dict) -> str:
-    if scoring.get("method") == "none":
+def _temperature(scoring: Scoring) -> str:
+    if scoring.method == "none":
         return ("- Calibration: none (validation chose it: temperature scaling did not lower the ECE of the "
                 "validation lesions held out from its fit)")
-    return f"- Calibration: temperature scaling, T = {scoring.get('temperature', 1.0):.3f}"
+    return f"- Calibration: temperature scaling, T = {scoring.temperature:.3f}"
 
 
-def _calibration(test: dict, scoring: dict) -> list[str]:
+def _calibration(test: dict, scoring: Scoring) -> list[str]:
     change = test.get("calibration")
     if not change:
         return []
-    if scoring.get("method") == "none":
+    if scoring.method == "none":
         return ["", f"No temperature scaling (validation chose none). Top-label ECE on the test split "
                     f"{test['expected_calibration_error']:.3f} [{change['ece_after_ci95']['low']:.3f}, "
                     f"{change['ece_after_ci95']['high']:.3f}], class-wise ECE {change['classwise_ece_after']:.3f}."]
@@ -184,7 +188,7 @@ LIMITATIONS = [
     "class shares needs its own calibration.", ""]
 
 
-def write(path: Path, info: dict, split: dict, test: dict, external: dict[str, dict] | None = None,
+def write(path: Path, info: ModelInfo, split: dict, test: dict, external: dict[str, dict] | None = None,
           groups=None) -> None:
     """``groups``: the test split's figures by patient group (``subgroups.table``), or None."""
     with atomic_path(path) as tmp:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from skinlesion import PipelineError
+from skinlesion.modelinfo import ModelInfo
 from skinlesion.training import devices
 
 
@@ -116,7 +117,7 @@ def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | Non
     return energy, bool(mask[hottest] > 0)
 
 
-def score_split(model, info: dict, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
+def score_split(model, info: ModelInfo, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
                 patient: np.ndarray | None = None, device: str | torch.device = "cpu"):
     """Heat maps for every image (its predicted class, scored as the model file says,

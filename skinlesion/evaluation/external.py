@@ -18,8 +18,10 @@ import requests
 
 from skinlesion import CLASSES, PipelineError
 from skinlesion.data import archives, assemble, isic2018
+from skinlesion.data.images import decode_all
 from skinlesion.data.prepare import Prepared
 from skinlesion.evaluation import evaluate, inference
+from skinlesion.modelinfo import ModelInfo
 from skinlesion.params import Evaluate, External, ExternalSource
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def locate(entry: ExternalSource, settings: External) -> Source:
     return Source(entry.name, [images], isic2018.isic2018_metadata(truth, None))
 
 
-def load_labelled(paths: list[Path], size: int, decode_all, *, metadata: pd.DataFrame | None = None,
+def load_labelled(paths: list[Path], size: int, *, metadata: pd.DataFrame | None = None,
                   metadata_origin: str = "", used: list[str] = (), select=None, check=None):
     """The labelled images of a HAM10000-layout source, decoded as the pipeline decodes:
     the rows that decoded (with ``label``), their pixels, the decoding errors and how many
@@ -85,10 +87,10 @@ def load_labelled(paths: list[Path], size: int, decode_all, *, metadata: pd.Data
     return decoded.assign(label=decoded["dx"].map(CLASSES.index)), pixels, errors, len(frame)
 
 
-def load_source(source: Source, size: int, decode_all):
+def load_source(source: Source, size: int):
     """The metadata (with labels) and decoded images of one set; files that cannot be
     decoded are reported and left out."""
-    frame, pixels, errors, _ = load_labelled(source.paths, size, decode_all, metadata=source.metadata,
+    frame, pixels, errors, _ = load_labelled(source.paths, size, metadata=source.metadata,
                                              metadata_origin=source.name, used=source.used)
     for error in errors:
         log.warning("left out: %s", error)
@@ -126,7 +128,7 @@ def shared_with(own: OwnData, frame: pd.DataFrame, pixels: np.ndarray) -> dict:
             "by_lesion_id": int(by_lesion.sum()), "by_pixels": int(by_pixels.sum())}
 
 
-def score_sources(model, info: dict, sources: list[Source], settings: Evaluate, out: Path, decode_all,
+def score_sources(model, info: ModelInfo, sources: list[Source], settings: Evaluate, out: Path,
                   own: OwnData | None = None) -> dict[str, dict]:
     """Score every source; writes ``out/NAME.json`` and ``out/NAME/`` plots, returns the metrics by name.
     With ``own``, each result says how many of its images are the pipeline's own data, and a
@@ -134,7 +136,7 @@ def score_sources(model, info: dict, sources: list[Source], settings: Evaluate, 
     results = {}
     predictor = inference.TorchPredictor(model, info, inference.scoring_device())
     for source in sources:
-        frame, pixels = load_source(source, info["image_size"], decode_all)
+        frame, pixels = load_source(source, info.image_size)
         if not len(frame):
             raise PipelineError(f"external source {source.name} ({', '.join(map(str, source.paths))}): "
                                 f"no readable image")

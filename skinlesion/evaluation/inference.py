@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from skinlesion import modelinfo
 from skinlesion.evaluation.predictor import Predictor, check_views, view_count
 from skinlesion.progress import bar
 from skinlesion.training import devices, models
@@ -31,10 +32,11 @@ def scoring_device() -> torch.device:
     return torch.device("cuda")
 
 
-def normalise(images: np.ndarray, info: dict, device) -> torch.Tensor:
+def normalise(images: np.ndarray, info: modelinfo.ModelInfo | dict, device) -> torch.Tensor:
     """uint8 N x S x S x 3 -> the float tensor the model was trained on."""
+    info = modelinfo.described(info)
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
-    return models.normalise(batch, info["mean"], info["std"])
+    return models.normalise(batch, info.mean, info.std)
 
 
 def scoring_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -51,12 +53,13 @@ def scoring_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
+def view_logits(model, info: modelinfo.ModelInfo | dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
                 device: str | torch.device = "cpu", progress: str | None = None,
                 patient: np.ndarray | None = None, amp: torch.dtype | None = None) -> np.ndarray:
     """V x N x classes raw logits, one slice per test-time view of ``tta``; ``patient``:
     the images' encoded metadata, for a model that takes it (the same row for every view);
     ``amp``: the autocast dtype of the forward pass (None: float32)."""
+    info = modelinfo.described(info)
     check_views(tta, images, info)
     model.eval()
     out = []
@@ -67,17 +70,18 @@ def view_logits(model, info: dict, images: np.ndarray, *, tta: str, batch_size: 
         with devices.autocast(device, amp):
             out.append(torch.stack([model(view, *extra).float() for view in _views(batch, tta)]).cpu())
     if not out:
-        return np.zeros((view_count(tta), 0, len(info["classes"])), dtype=np.float32)
+        return np.zeros((view_count(tta), 0, len(info.classes)), dtype=np.float32)
     return torch.cat(out, dim=1).numpy()
 
 
 @torch.no_grad()
-def view_outputs(model, info: dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
+def view_outputs(model, info: modelinfo.ModelInfo | dict, images: np.ndarray, *, tta: str, batch_size: int = 128,
                  device: str | torch.device = "cpu", progress: str | None = None,
                  patient: np.ndarray | None = None, amp: torch.dtype | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """``view_logits`` and, for a model carrying the Mahalanobis score (``model.scope``),
     the plain view's distances (float32) from the same pass; else None."""
+    info = modelinfo.described(info)
     scope = getattr(model, "scope", None)
     if scope is None:
         return view_logits(model, info, images, tta=tta, batch_size=batch_size, device=device, progress=progress,
@@ -96,18 +100,19 @@ def view_outputs(model, info: dict, images: np.ndarray, *, tta: str, batch_size:
         out.append(torch.stack(logits).cpu())
         distances.append(scope(pooled.float()).cpu())
     if not out:
-        return np.zeros((view_count(tta), 0, len(info["classes"])), dtype=np.float32), np.zeros(0, np.float32)
+        return np.zeros((view_count(tta), 0, len(info.classes)), dtype=np.float32), np.zeros(0, np.float32)
     return torch.cat(out, dim=1).numpy(), torch.cat(distances).numpy()
 
 
 @torch.no_grad()
-def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 128,
+def plain_outputs(model, info: modelinfo.ModelInfo | dict, images: np.ndarray, *, batch_size: int = 128,
                   device: str | torch.device = "cpu", patient: np.ndarray | None = None,
                   progress: str | None = None, amp: torch.dtype | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The plain view's raw logits (N x classes), pooled image features (N x D) and, for
     a model carrying the Mahalanobis out-of-scope score (``model.scope``), its distances
     (always in float32: ``amp`` applies to the network only)."""
+    info = modelinfo.described(info)
     check_views("none", images, info)
     model.eval()
     scope = getattr(model, "scope", None)
@@ -124,7 +129,7 @@ def plain_outputs(model, info: dict, images: np.ndarray, *, batch_size: int = 12
         if scope is not None:
             distances.append(scope(pooled).cpu())
     if not logits:
-        return (np.zeros((0, len(info["classes"])), np.float32), np.zeros((0, 0), np.float32),
+        return (np.zeros((0, len(info.classes)), np.float32), np.zeros((0, 0), np.float32),
                 None if scope is None else np.zeros(0, np.float32))
     return (torch.cat(logits).numpy(), torch.cat(features).numpy(),
             None if scope is None else torch.cat(distances).numpy())
@@ -134,7 +139,7 @@ class TorchPredictor(Predictor):
     """A model file's network, scored on ``device`` in the precision its ``scoring``
     names (``scoring_dtype``; float32 for a file that names none)."""
 
-    def __init__(self, model, info: dict, device: str | torch.device = "cpu"):
+    def __init__(self, model, info: modelinfo.ModelInfo | dict, device: str | torch.device = "cpu"):
         super().__init__(info)
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -150,7 +155,7 @@ class TorchPredictor(Predictor):
     def exact(self) -> TorchPredictor:
         if not self.reduced:
             return self
-        return TorchPredictor(self.model, {**self.info, "scoring": {**self.scoring, "precision": "fp32"}}, self.device)
+        return TorchPredictor(self.model, self.info.replace(scoring={**self.scoring, "precision": "fp32"}), self.device)
 
     def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
                     patient: np.ndarray | None = None) -> np.ndarray:

@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from skinlesion import PipelineError
+from skinlesion import PipelineError, modelinfo
 from skinlesion.data import patient
 from skinlesion.evaluation import calibrate, scope
 from skinlesion.params import TTA
 
 
-def check_views(tta: str, images: np.ndarray, info: dict) -> None:
+def check_views(tta: str, images: np.ndarray, info: modelinfo.ModelInfo) -> None:
     """Refuse a ``tta`` that is not one of the views, or images not at the model's size."""
     if tta not in TTA:
         raise PipelineError(f"tta is '{tta}'; expected one of {', '.join(TTA)}")
-    size = info["image_size"]
+    size = info.image_size
     if images.shape[1:] != (size, size, 3):
         raise PipelineError(f"images are {images.shape[1:]}, the model expects {(size, size, 3)}")
 
 
-def patient_rows(info: dict, frame) -> np.ndarray | None:
+def patient_rows(info: modelinfo.ModelInfo, frame) -> np.ndarray | None:
     """The encoded metadata of ``frame``'s rows (age, sex, localization columns) for a
     model that takes it (its file records the encoding), else None."""
-    return patient.encode(frame, info["patient"]) if info.get("patient") else None
+    return patient.encode(frame, info.patient.model_dump()) if info.patient is not None else None
 
 
 # In reduced precision, answers this close to a decision are scored again in float32:
@@ -49,18 +49,23 @@ class Predictor:
     """A loaded model and its description (``info``: classes, image size, normalisation,
     ``scoring``, the metadata encoding of a model that takes it)."""
 
-    def __init__(self, info: dict):
-        self.info = info
+    def __init__(self, info: modelinfo.ModelInfo | dict):
+        self.info = info = modelinfo.described(info)
         # The identity (no views, no adjustment) for a model straight from training.
-        self.scoring = {**calibrate.IDENTITY, **(info.get("scoring") or {})}
+        self.scoring = {**calibrate.IDENTITY, **(info.scoring.dump() if info.scoring is not None else {})}
 
     @property
     def classes(self) -> list[str]:
-        return list(self.info["classes"])
+        return list(self.info.classes)
+
+    @property
+    def scope_method(self) -> str | None:
+        """The file's out-of-scope score (msp, energy, mahalanobis), or None without one."""
+        return None if self.info.scope is None else self.info.scope.method
 
     @property
     def takes_patient(self) -> bool:
-        return bool(self.info.get("patient"))
+        return self.info.patient is not None
 
     def view_logits(self, images: np.ndarray, *, tta: str, batch_size: int = 128, progress: str | None = None,
                     patient: np.ndarray | None = None) -> np.ndarray:
@@ -86,7 +91,7 @@ class Predictor:
         of every ``tta``), else None. Backends override this with one pass over the views."""
         logits = self.view_logits(images, tta=tta, batch_size=batch_size, progress=progress, patient=patient)
         distances = None
-        if (self.info.get("scope") or {}).get("method") == "mahalanobis":
+        if self.scope_method == "mahalanobis":
             _, distances = self.plain_outputs(images, batch_size=batch_size, patient=patient)
         return logits, distances
 
@@ -127,7 +132,7 @@ class Predictor:
         return self.answer(images, batch_size=batch_size, progress=progress, patient=patient)[1]
 
     def _scores(self, logits: np.ndarray, probabilities: np.ndarray, distances: np.ndarray | None):
-        method = (self.info.get("scope") or {}).get("method")
+        method = self.scope_method
         if method is None:
             return None
         return scope.scores(method, logits=logits[0], probabilities=probabilities, distances=distances)
@@ -135,7 +140,7 @@ class Predictor:
     def near_the_scope_threshold(self, scores: np.ndarray) -> np.ndarray:
         """Rows whose out-of-scope score is within ``scoring.recheck`` of the threshold,
         relative to its size."""
-        threshold = self.info["scope"]["threshold"]
+        threshold = self.info.scope.threshold
         margin = float(self.scoring.get("recheck", RECHECK))
         return np.abs(np.asarray(scores) - threshold) <= margin * max(abs(threshold), 1.0)
 
@@ -165,9 +170,9 @@ class Predictor:
     def in_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
         """Whether each score keeps its image in scope (at most the threshold chosen on
         validation), or None for a model without a score."""
-        if scores is None or not self.info.get("scope"):
+        if scores is None or self.info.scope is None:
             return None
-        return np.asarray(scores) <= self.info["scope"]["threshold"]
+        return np.asarray(scores) <= self.info.scope.threshold
 
     def melanoma_flags(self, probabilities: np.ndarray) -> np.ndarray | None:
         """Whether each image crosses the melanoma threshold chosen on validation, or None

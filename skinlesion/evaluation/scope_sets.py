@@ -191,25 +191,26 @@ def measure(predictor, inside: np.ndarray, inside_patient, sets: dict[str, tuple
                 "energy": scope.scores("energy", logits=logits[0]),
                 "mahalanobis": scope.scores("mahalanobis", distances=distances)}
 
-    own = predictor.info.get("scope") or {}
+    own = predictor.info.scope
+    method_own, threshold_own = (None, None) if own is None else (own.method, own.threshold)
     scored = {"test": candidates("test", inside, inside_patient)}
-    result: dict = {"method": own.get("method"), "threshold": own.get("threshold"), "sets": {}}
+    result: dict = {"method": method_own, "threshold": threshold_own, "sets": {}}
     for name, (images, kinds) in sets.items():
         patient = unknown_patient(predictor, len(images))
         scored[name] = candidates(name, images, patient)
         result["sets"][name] = {method: scope.separation(scored["test"][method], scored[name][method],
-                                                         own.get("threshold") if method == own.get("method") else None,
+                                                         threshold_own if method == method_own else None,
                                                          retention)
                                 for method in scope.METHODS}
-        caught = scored[name][own["method"]] > own["threshold"] if own.get("method") else np.zeros(len(images), bool)
-        if own.get("method"):
+        caught = scored[name][method_own] > threshold_own if method_own else np.zeros(len(images), bool)
+        if method_own:
             result["sets"][name]["caught_by_kind"] = {
                 kind: round(float(caught[[k == kind for k in kinds]].mean()), 4) for kind in sorted(set(kinds))}
         if flags[name] is not None:  # a melanoma flag on an image that is no lesion: what the score must prevent
             result["sets"][name]["melanoma_flag_without_scope"] = round(float(flags[name].mean()), 4)
             result["sets"][name]["melanoma_flag"] = round(float((flags[name] & ~caught).mean()), 4)
-    if own.get("method"):
-        result["test_kept"] = round(float((scored["test"][own["method"]] <= own["threshold"]).mean()), 4)
+    if method_own:
+        result["test_kept"] = round(float((scored["test"][method_own] <= threshold_own).mean()), 4)
     return result, scored
 
 
