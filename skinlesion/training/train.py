@@ -3,7 +3,7 @@
 ``fit`` reads top to bottom as its steps: ``set_up`` (model, loaders, loss, optimiser,
 schedule), ``resume`` (from the per-epoch checkpoint, so an interrupted run carries on
 with the same batches and random state instead of starting over), then per epoch
-``train_epoch`` and ``validate``, and ``keep_best`` (select, save, log, checkpoint).
+``train_epoch`` and ``validate``, and ``end_epoch`` (log, step the schedule, keep the best, decide early stopping).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TrainData:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
-    fingerprint: str
+    data_digest: str  # of the images, labels and metadata rows: a checkpoint resumes on the same data only
     train_patient: np.ndarray | None = None  # encoded metadata rows (train.metadata), else None
     val_patient: np.ndarray | None = None
 
@@ -96,7 +96,7 @@ def load_data(balanced: Path, split: Path, prepared: Path, metadata: bool = Fals
         data.val_patient = patient.encode(val, patient.encoding())
         digest.update(data.train_patient.tobytes())
         digest.update(data.val_patient.tobytes())
-        data.fingerprint = digest.hexdigest()
+        data.data_digest = digest.hexdigest()
     return data
 
 
@@ -128,8 +128,9 @@ def sampled_prior(labels: np.ndarray, weights: np.ndarray | None, num_classes: i
     return drawn / drawn.sum()
 
 
-def fingerprint(config: dict, data: TrainData) -> str:
-    text = json.dumps(config, sort_keys=True) + data.fingerprint
+def run_digest(config: dict, data: TrainData) -> str:
+    """What identifies a run for its checkpoint: the recipe and the data it trains on."""
+    text = json.dumps(config, sort_keys=True) + data.data_digest
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -167,7 +168,7 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return fingerprint({"model": self.name, "settings": self.settings, "head": self.head,
+        return run_digest({"model": self.name, "settings": self.settings, "head": self.head,
                             "train": {**self.train.model_dump(), "seed": self.seed}}, self.data)
 
 
@@ -406,7 +407,7 @@ def selection_score(val_scores: dict, select: str) -> float:
 
 # --- select, save, log ---------------------------------------------------------------
 
-def keep_best(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_path: Path, best_copy: Path,
+def end_epoch(run: Run, epoch: int, train_scores: dict, val_scores: dict, model_path: Path, best_copy: Path,
               live) -> bool:
     """Log the epoch, save the model if it is the best so far by ``train.select``, and
     decide early stopping. Every rank keeps the same state (the scores are already
@@ -502,7 +503,7 @@ def fit(config: Config, data: TrainData, *, model_path: Path, live_dir: Path, ch
             train_scores = train_epoch(run, epoch)
             val_scores = validate(run)
             run.state["wall_seconds"] += time.perf_counter() - started
-            stop = keep_best(run, epoch, train_scores, val_scores, model_path, best_copy, live)
+            stop = end_epoch(run, epoch, train_scores, val_scores, model_path, best_copy, live)
             if ranks.main:
                 live.make_summary()
                 save_checkpoint(run, checkpoint, finished=stop or epoch == run.train.epochs, live_state=live_state)
