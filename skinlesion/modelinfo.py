@@ -23,7 +23,15 @@ def _distinct(values: list, what: str) -> list:
     return values
 
 
-class _Strict(BaseModel):
+class _ByName:
+    """Read by attribute (``info.scoring is None``), never by key: ``"scoring" in info``
+    would otherwise iterate pydantic's (name, value) pairs and be False, silently."""
+
+    def __contains__(self, key):
+        raise TypeError(f"a model description is read by attribute (.{key}), not with `in`")
+
+
+class _Strict(_ByName, BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     def dump(self) -> dict:
@@ -82,7 +90,7 @@ def _check_settings(architecture: str, settings: dict) -> None:
             raise ValueError(f"settings.{key} is {shown(repr(value))} ({error.errors()[0]['msg'].lower()})") from None
 
 
-class Member(BaseModel):
+class Member(_ByName, BaseModel):
     """One network of an ensemble file."""
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -97,7 +105,7 @@ class Member(BaseModel):
         return self
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(_ByName, BaseModel):
     """A model file's description; the ONNX export carries the same fields. An
     ensemble's ``architecture`` is ``ensemble``, its ``settings`` ``{combine: ...}``,
     and ``members`` describes each network."""

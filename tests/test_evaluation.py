@@ -293,8 +293,8 @@ def test_scoring_on_the_gpu_matches_the_cpu():
 
     torch.manual_seed(0)
     model = models.build("resnet18", num_classes=7, image_size=64, settings={}, head={"hidden": 8, "dropout": 0})
-    info = {"image_size": 64, "mean": models.IMAGENET_MEAN, "std": models.IMAGENET_STD,
-            "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]}
+    info = {"architecture": "resnet18", "image_size": 64, "mean": list(models.IMAGENET_MEAN),
+            "std": list(models.IMAGENET_STD), "classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]}
     images = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3), dtype=np.uint8)
     masks, has_mask = np.ones((10, 64, 64), np.uint8), np.ones(10, bool)
     on_cpu = inference.view_logits(model, info, images, tta="dihedral", batch_size=4)

@@ -88,7 +88,7 @@ def test_an_architecture_added_in_one_registry_entry_trains_through_exp_run(proj
             "simple_cnn", num_classes=7, image_size=64, settings={"channels": [4], "dropout": 0.0},
             head={"hidden": 0, "dropout": 0.0}, patient_width=_patient_width(project)))
         described = run([sys.executable, "-c", "from skinlesion import modelfile; "
-                         "print(modelfile.load('models/model.pt')[1]['architecture'])"], project)
+                         "print(modelfile.load('models/model.pt')[1].architecture)"], project)
         assert described.stdout.strip() == "toy"
         assert '"try-toy"' in run(["dvc", "exp", "show", "--json"], project).stdout
     finally:

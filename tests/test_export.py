@@ -84,7 +84,7 @@ def test_a_model_without_scoring_is_scored_as_trained(tmp_path):
     model, info = small_model("simple_cnn", scoring=None)
     session, loaded = runtime.load(export.to_onnx(model, info), threads=1)
     on_onnx, on_torch = runtime.OnnxPredictor(session, loaded), inference.TorchPredictor(model, info)
-    assert "scoring" not in loaded and on_onnx.scoring == on_torch.scoring
+    assert loaded.scoring is None and on_onnx.scoring == on_torch.scoring
     pixels = images(3, 32)
     np.testing.assert_allclose(on_onnx.probabilities(pixels), on_torch.probabilities(pixels), atol=1e-5)
 

@@ -314,7 +314,7 @@ def test_the_patients_metadata_runs_through_every_stage_and_can_be_left_out(proj
     try:
         assert ran(result.stdout) == [TRAIN, *AFTER_TRAIN]
         _, info = modelfile.load(project / "models/model.pt")
-        assert "patient" not in info and "patient" not in runtime.load(project / "models/model.onnx")[1]
+        assert info.patient is None and runtime.load(project / "models/model.onnx")[1].patient is None
         assert json.loads((project / "metrics/evaluate.json").read_text())["images"] > 0
         assert json.loads((project / "metrics/explain.json").read_text())["images"] > 0
     finally:

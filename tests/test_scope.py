@@ -129,7 +129,7 @@ def scoped_model_file(tmp_path, members=1):
                                        val=(val, None), val_probabilities=None)
     target = tmp_path / "model.pt"
     modelfile.save_ensemble(paths, target, "probabilities", SCORING, found, state)
-    predictor.info = {**predictor.info, "scope": found}  # the fitted network, as the file describes it
+    predictor.info = predictor.info.replace(scope=found)  # the fitted network, as the file describes it
     return target, predictor
 
 

@@ -27,7 +27,7 @@ def predictors(model, info, **scoring):
 
 
 def test_the_rows_near_a_decision_are_the_close_top_two_and_the_close_melanoma_ones():
-    predictor = Predictor({"architecture": "simple_cnn", "classes": CLASSES, "image_size": 32, "mean": [0.5] * 3,
+    predictor = Predictor({"architecture": "simple_cnn", "classes": list(CLASSES), "image_size": 32, "mean": [0.5] * 3,
                            "std": [0.25] * 3, "scoring": {"mel_threshold": 0.30, "recheck": 0.05}})
     rows = np.full((4, 7), 0.02)
     rows[0, [5, 6]] = 0.50, 0.38           # clear winner, melanoma far from its threshold

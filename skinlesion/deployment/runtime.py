@@ -26,7 +26,7 @@ PATIENT = "patient"  # the second input of a model that takes the patient's meta
 SCOPE = "scope"  # the second output of a model carrying the Mahalanobis out-of-scope score
 
 
-def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, dict]:
+def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, modelinfo.ModelInfo]:
     """A session on the CPU for the ONNX file (a path, or a ModelProto) and its
     description; ``threads`` 0 lets ONNX Runtime choose."""
     options = onnxruntime.SessionOptions()
