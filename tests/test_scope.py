@@ -227,3 +227,20 @@ def test_one_pass_over_the_views_gives_what_the_separate_passes_give(tmp_path):
     np.testing.assert_allclose(onnx_scores, on_onnx.plain_outputs(pixels)[1], rtol=1e-6)
     np.testing.assert_allclose(onnx_probabilities, probabilities, atol=1e-4)
     assert float((np.abs(onnx_scores - scores) / np.maximum(scores, 1)).max()) < 1e-3
+
+
+def test_the_measurement_names_the_kinds_that_pass_as_a_melanoma(tmp_path):
+    """Past the out-of-scope score, which kinds of image still raise the melanoma flag:
+    counted per kind, and only among the images the score let through."""
+    target, _ = scoped_model_file(tmp_path)
+    model, info = modelfile.load(target)
+    predictor = inference.TorchPredictor(model, info.replace(scoring={**info.scoring.dump(), "mel_threshold": 0.0}))
+    inside = images(14, 32, seed=3)
+    pictures, kinds = scope_sets.far(32, per_kind=2)
+    result, scored = scope_sets.measure(predictor, inside, None, {"far": (pictures, kinds)}, batch_size=8)
+    far = result["sets"]["far"]
+    passed = scored["far"]["mahalanobis"] <= info.scope.threshold  # every image is flagged at threshold 0
+    assert far["melanoma_flag_without_scope"] == 1.0
+    assert far["melanoma_flag_by_kind"] == {kind: int(passed[[k == kind for k in kinds]].sum())
+                                            for kind in sorted(set(kinds))}
+    assert sum(far["melanoma_flag_by_kind"].values()) == pytest.approx(far["melanoma_flag"] * len(kinds), abs=0.01)

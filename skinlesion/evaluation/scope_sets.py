@@ -209,6 +209,10 @@ def measure(predictor, inside: np.ndarray, inside_patient, sets: dict[str, tuple
         if flags[name] is not None:  # a melanoma flag on an image that is no lesion: what the score must prevent
             result["sets"][name]["melanoma_flag_without_scope"] = round(float(flags[name].mean()), 4)
             result["sets"][name]["melanoma_flag"] = round(float((flags[name] & ~caught).mean()), 4)
+            # which kinds raised it, past the score: a pattern should never pass as a melanoma
+            raised = flags[name] & ~caught
+            result["sets"][name]["melanoma_flag_by_kind"] = {
+                kind: int(raised[[k == kind for k in kinds]].sum()) for kind in sorted(set(kinds))}
     if method_own:
         result["test_kept"] = round(float((scored["test"][method_own] <= threshold_own).mean()), 4)
     return result, scored
