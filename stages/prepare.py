@@ -1,4 +1,4 @@
-"""DVC stage `prepare`: decode and resize every image once (skinlesion.prepare)."""
+"""DVC stage `prepare`: decode and resize every image once (skinlesion.data.prepare)."""
 
 from pathlib import Path
 
