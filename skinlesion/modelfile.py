@@ -59,7 +59,7 @@ def with_scoring(source: str | Path, target: str | Path, scoring: dict, scope: d
     meant to be applied: TTA, logit adjustment, temperature, thresholds) set, and its
     out-of-scope ``scope`` (method, threshold) with the tensors that method needs
     (``scope_state``: ``scope.means`` and ``scope.whitening`` for mahalanobis)."""
-    payload = _read(Path(source))
+    payload, _ = _read(Path(source))
     payload["scoring"] = dict(scoring)
     _set_scope(payload, scope, scope_state)
     _write(target, payload)
@@ -85,7 +85,7 @@ def save_ensemble(members: list[str | Path], target: str | Path, combine: str, s
     if len(members) == 1:
         with_scoring(members[0], target, scoring, scope, scope_state)
         return
-    payloads = [_read(Path(member)) for member in members]
+    payloads = [_read(Path(member))[0] for member in members]
     _agree(members, payloads)
     first = payloads[0]
     state = {f"members.{index}.{key}": value for index, payload in enumerate(payloads)
@@ -129,7 +129,8 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> tuple[dict, modelinfo.ModelInfo]:
+    """The file's payload and its checked description."""
     try:
         if path.stat().st_size == 0:
             raise PipelineError(f"{path} is empty (0 bytes), not a model file (an interrupted copy?); copy it "
@@ -159,12 +160,12 @@ def _read(path: Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: a {FORMAT} file without {', '.join(missing)} (damaged, or written by "
                             f"another version); {HINT}")
-    modelinfo.check(_description(payload), str(path), HINT)
+    info = modelinfo.check(_description(payload), str(path), HINT)
     if not isinstance(payload["state_dict"], dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["state_dict"].items()):
         raise PipelineError(f"{path}: its state_dict is not a mapping of names to tensors (the file is damaged or "
                             f"was edited); {HINT}")
-    return payload
+    return payload, info
 
 
 def _description(payload: dict) -> dict:
@@ -195,8 +196,7 @@ def _build(info: modelinfo.ModelInfo, state: dict, path) -> torch.nn.Module:
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, modelinfo.ModelInfo]:
     """The model (in eval mode, on ``device``; a ``models.Ensemble`` for an ensemble
     file) and its description."""
-    payload = _read(Path(path))
-    info = modelinfo.check(_description(payload), str(path), HINT)
+    payload, info = _read(Path(path))
     # Built on the meta device, the architecture costs no memory until the file's own
     # tensors are put in its place: settings that describe a huge network cannot
     # exhaust memory beyond the size of the file itself.
