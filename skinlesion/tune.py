@@ -107,6 +107,10 @@ def kept_figure(root: Path, seeds: list[int], objective: str) -> float:
     return sum(values) / len(values)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str) -> float:
     import optuna
 
@@ -120,8 +124,10 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
     logs = root / ".optuna" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{name}.log", "w", encoding="utf-8") as output:
+        # Its own session, so a Ctrl-C reaches the study first; SIGINT's default disposition, so
+        # that stopping it works under `nohup ... &` too (a shell starts those with SIGINT ignored).
         process = subprocess.Popen(command, cwd=root, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=default_sigint)
         reported = set()
         try:
             while process.poll() is None:

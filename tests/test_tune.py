@@ -76,8 +76,10 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     run(["git", "checkout", "--", "."], project)
 
     # Ctrl-C in the middle of the third trial: exit 130, the trial failed, the study resumable
+    # The default SIGINT disposition, as in a terminal, even where pytest runs as a background job
     process = subprocess.Popen(tune_command(3), cwd=project, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "SKINLESION_PROGRESS": "0"})
+                               start_new_session=True, env={**os.environ, "SKINLESION_PROGRESS": "0"},
+                               preexec_fn=tune.default_sigint)
     deadline = time.monotonic() + 300
     while not (project / ".optuna/logs/tune-2.log").exists():
         assert process.poll() is None and time.monotonic() < deadline

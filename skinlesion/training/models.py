@@ -14,7 +14,6 @@ from pathlib import Path
 from urllib.error import URLError
 
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 from skinlesion import PipelineError
@@ -125,12 +124,21 @@ class Scope(nn.Module):
 
 # --- pretrained torchvision backbones --------------------------------------------
 
-TORCHVISION = {
-    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
-    "efficientnet_b0": (tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1),
-    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1),
-}
+def tvm():
+    """torchvision.models, imported when a torchvision network is built: importing it costs
+    a few seconds (it pulls in torch's compiler), which a stage that builds none is spared."""
+    import torchvision.models
+
+    return torchvision.models
+
+
+def torchvision_network(name: str):
+    """The builder and the ImageNet weights of torchvision model ``name``."""
+    models = tvm()
+    return {"resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+            "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+            "efficientnet_b0": (models.efficientnet_b0, models.EfficientNet_B0_Weights.IMAGENET1K_V1),
+            "vit_b_16": (models.vit_b_16, models.ViT_B_16_Weights.IMAGENET1K_V1)}[name]
 
 
 def imagenet_state(name: str, pretrained: bool, weights_path: str | None) -> dict | None:
@@ -146,7 +154,7 @@ def imagenet_state(name: str, pretrained: bool, weights_path: str | None) -> dic
             raise PipelineError(f"train.weights_path {path} is not a torch state dict ({error})") from None
     if not pretrained:
         return None
-    weights = TORCHVISION[name][1]
+    weights = torchvision_network(name)[1]
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError, RuntimeError) as error:
@@ -169,7 +177,7 @@ def _load(model: nn.Module, state: dict | None, name: str) -> None:
 
 
 def _resnet_trunk(name: str, pretrained: bool, weights_path: str | None) -> tuple[nn.Sequential, int]:
-    model = TORCHVISION[name][0](weights=None)
+    model = torchvision_network(name)[0](weights=None)
     _load(model, imagenet_state(name, pretrained, weights_path), name)
     return nn.Sequential(*list(model.children())[:-2]), model.fc.in_features
 
@@ -204,7 +212,7 @@ def _resnet(name):
 
 def efficientnet_b0(num_classes, image_size, head, pretrained, weights_path):
     """torchvision EfficientNet-B0, its classifier replaced by the configurable head."""
-    model = tvm.efficientnet_b0(weights=None)
+    model = tvm().efficientnet_b0(weights=None)
     _load(model, imagenet_state("efficientnet_b0", pretrained, weights_path), "efficientnet_b0")
     # the final 1x1 convolution (stride 32), then the last blocks at strides 16 and 8
     return Classifier(model.features, Head(1280, num_classes, **head), ("backbone.8", "backbone.5", "backbone.3"))
@@ -226,11 +234,11 @@ def vit_b_16(num_classes, image_size, head, pretrained, weights_path, **size):
     size = {**VIT_B, **size}
     if size != VIT_B and (pretrained or weights_path):
         raise PipelineError(f"models.vit_b_16: ImageNet weights exist only for the B/16 size {VIT_B}")
-    model = tvm.VisionTransformer(image_size=image_size, patch_size=16, num_layers=size["layers"],
-                                  num_heads=size["heads"], hidden_dim=size["hidden_dim"], mlp_dim=size["mlp_dim"])
+    model = tvm().VisionTransformer(image_size=image_size, patch_size=16, num_layers=size["layers"],
+                                    num_heads=size["heads"], hidden_dim=size["hidden_dim"], mlp_dim=size["mlp_dim"])
     state = imagenet_state("vit_b_16", pretrained, weights_path)
     if state is not None and image_size != 224:
-        state = tvm.vision_transformer.interpolate_embeddings(image_size, 16, state)
+        state = tvm().vision_transformer.interpolate_embeddings(image_size, 16, state)
     _load(model, state, "vit_b_16")
     model.heads = nn.Identity()
     # Grad-CAM on a ViT looks at the last block's input norm: tokens there still map to patches.
