@@ -155,9 +155,25 @@ def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
-def write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell that a spreadsheet would run as a formula (a file
+    named ``=HYPERLINK(...).jpg``, say) led by an apostrophe, which shows it as text."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = [f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+                            for value in safe[column]]
+    return safe
+
+
+def write_csv(path: str | os.PathLike, frame: pd.DataFrame, for_people: bool = False) -> None:
+    """``for_people``: a table people open in a spreadsheet, its text cells made
+    ``spreadsheet_safe`` (the pipeline's own tables are written as they are)."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
+        (spreadsheet_safe(frame) if for_people else frame).to_csv(tmp, index=False, lineterminator="\n")
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:

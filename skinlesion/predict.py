@@ -203,7 +203,7 @@ def predict_files(model_path: Path, inputs: list[Path], out: Path, batch_size: i
         flags = None if flags is None else flags & in_scope
     if flags is not None:
         frame["melanoma_flag"] = flags.astype(int)
-    write_csv(out, frame)
+    write_csv(out, frame, for_people=True)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     outside = "" if in_scope is None else f", {int((~in_scope).sum())} of them out of scope ({NOTICE})"

@@ -155,6 +155,21 @@ def test_control_characters_in_a_file_name_are_shown_escaped(kit, tmp_path):
         "error: scans.zip:\\x1b[2Jforged\\nerror: all fine.jpg is not an image (no format Pillow recognises)"]
 
 
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"x.invalid\",\"open\")", "+1+cmd", "-2+3", "@SUM(A1)"])
+def test_a_file_name_a_spreadsheet_would_run_is_written_as_text(kit, tmp_path, name):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(kit.image, folder / f"{name}.jpg")
+    shutil.copy(kit.image, folder / "plain.jpg")
+    result = run([*PREDICT, kit.model, folder, "-o", tmp_path / "out.csv"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False).set_index("image_id")
+    assert set(table.index) == {f"'{name}", "plain"}  # an apostrophe first: shown as text, never run
+    text = table.reset_index().drop(columns=[c for c in table.columns if c.startswith("p_")] + ["confidence"])
+    assert not [cell for cell in text.to_numpy().ravel() if cell.startswith(("=", "+", "-", "@"))]
+    assert float(table.loc[f"'{name}", "p_nv"]) >= 0  # the numbers stay numbers
+
+
 def test_a_bad_first_isic_download_is_not_recorded_and_the_real_file_then_passes(http_server, synthetic_zips,
                                                                                  tmp_path):
     files = serve_isic(http_server, synthetic_zips)

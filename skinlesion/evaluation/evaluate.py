@@ -86,7 +86,7 @@ def write_plots(folder: Path, frame: pd.DataFrame, probabilities: np.ndarray, im
         write_csv(out / "predictions.csv", pd.concat(
             [frame[["image_id"]].reset_index(drop=True), probabilities_frame,
              pd.DataFrame({"actual": [CLASSES[i] for i in labels], "predicted": [CLASSES[i] for i in predicted]})],
-            axis=1))
+            axis=1), for_people=True)
         plots.confusion_matrix_png(metrics.confusion(labels, probabilities), out / "confusion_matrix.png", "test")
         plots.curves_png(roc, "fpr", "tpr", out / "roc.png", "ROC, one class vs the rest (test)", diagonal=True)
         rng = np.random.default_rng(seed)
