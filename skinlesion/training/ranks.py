@@ -25,6 +25,13 @@ class Ranks:
             if device.type == "cpu":  # share the cores instead of oversubscribing them
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
 
+    def finish(self) -> None:
+        """Wait until every rank is done (rank 0 writes the last files), so that no rank
+        takes the process group down while another still uses it: gloo aborts a process
+        whose peer left first."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
     def stop(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

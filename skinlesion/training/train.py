@@ -520,6 +520,7 @@ def fit(config: Config, data: TrainData, *, model_path: Path, live_dir: Path, ch
                 live.summary[key] = value
             live.make_summary()
             publish(live_state, live_dir)
+        ranks.finish()
         return result
     finally:
         if live is not None:
