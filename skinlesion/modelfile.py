@@ -190,6 +190,7 @@ def _build(info: modelinfo.ModelInfo, state: dict, path) -> torch.nn.Module:
             raise PipelineError(f"{path}: its out-of-scope score has no class means or whitening (the file is damaged or was "
                                 f"edited); {HINT}")
         model.scope = models.Scope(torch.empty(state["scope.means"].shape), torch.empty(state["scope.whitening"].shape))
+        models.pool_stages(model, info.scope.features)
     return model
 
 

@@ -57,6 +57,9 @@ class Scope(_Strict):
     method: Literal["msp", "energy", "mahalanobis"]
     threshold: FiniteFloat
     retention: Annotated[FiniteFloat, Field(gt=0, lt=1)]
+    # the pooled features mahalanobis measures (skinlesion.training.models.pool_stages); files
+    # written before it was recorded measured the last stage's alone
+    features: Literal["last", "stages"] = "last"
 
 
 class Patient(_Strict):

@@ -251,6 +251,7 @@ class Calibrate(Group):
     method: Literal["none", "temperature", "auto"]
     mel_sensitivity: Fraction
     scope: Literal["none", "msp", "energy", "mahalanobis"]
+    scope_features: Literal["stages", "last"]
     scope_retention: Fraction
     precision: Literal["auto", "fp32", "bf16"]
     recheck: Fraction

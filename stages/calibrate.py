@@ -38,7 +38,8 @@ def main(params):
     train_images = prepared.images[prepared.rows(train["image_id"])]
     scored = inference.TorchPredictor(model, info.replace(scoring=scoring), device)
     scope, scope_state = inference.fit_scope(
-        scored, settings.scope, settings.scope_retention, batch_size=settings.batch_size,
+        scored, settings.scope, settings.scope_retention, features=settings.scope_features,
+        batch_size=settings.batch_size,
         train=(train_images, train["label"].to_numpy(), predictor.patient_rows(train)),
         val=(images, predictor.patient_rows(val)),
         val_probabilities=calibrate.probabilities(logits, scoring))

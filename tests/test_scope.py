@@ -114,7 +114,7 @@ def far_board() -> np.ndarray:
     return pictures[kinds.index("checkerboard")]
 
 
-def scoped_model_file(tmp_path, members=1):
+def scoped_model_file(tmp_path, members=1, features="stages"):
     """A model file carrying the Mahalanobis score, fitted on random 'train' images."""
     paths = saved_members(tmp_path, members)
     model, info = modelfile.load_members(paths, "probabilities")
@@ -126,11 +126,46 @@ def scoped_model_file(tmp_path, members=1):
                                    val=(val, None), val_probabilities=None)
     assert found["method"] == "energy"
     found, state = inference.fit_scope(predictor, "mahalanobis", 0.95, train=(train, np.arange(70) % 7, None),
-                                       val=(val, None), val_probabilities=None)
+                                       val=(val, None), val_probabilities=None, features=features)
     target = tmp_path / "model.pt"
     modelfile.save_ensemble(paths, target, "probabilities", SCORING, found, state)
     predictor.info = predictor.info.replace(scope=found)  # the fitted network, as the file describes it
     return target, predictor
+
+
+def test_the_score_measures_the_backbone_stages_beside_the_last():
+    torch.manual_seed(0)
+    model = models.build("resnet18", num_classes=7, image_size=32, settings={}, head={"hidden": 8, "dropout": 0})
+    model.eval()
+    batch = torch.rand(2, 3, 32, 32)
+    _, last = model.forward_features(batch)
+    models.pool_stages(model, "stages")
+    logits, staged = model.forward_features(batch)
+    assert model.feature_stages == (5, 6, 7) and staged.shape == (2, 128 + 256 + 512)  # layer2, layer3, layer4
+    torch.testing.assert_close(staged[:, -512:], last)  # the last stage's features, as before, at the end
+    torch.testing.assert_close(logits, model(batch))
+    models.pool_stages(model, "last")
+    assert model.forward_features(batch)[1].shape == (2, 512)
+    vit = models.build("vit_b_16", num_classes=7, image_size=32, settings={"layers": 1, "heads": 2, "hidden_dim": 8,
+                                                                           "mlp_dim": 8}, head={"hidden": 0, "dropout": 0})
+    assert vit.stages() == ()  # no sequence of stages: the last features alone
+    with pytest.raises(PipelineError, match="expected one of last, stages"):
+        models.pool_stages(model, "all")
+
+
+def test_a_file_from_before_the_stages_measures_the_last_features(tmp_path):
+    model, info = modelfile.load(scoped_model_file(tmp_path)[0])
+    assert info.scope.features == "stages" and model.feature_stages == model.stages() != ()
+    # a file written before the field: its score was fitted on the last stage's features
+    target, fitted = scoped_model_file(tmp_path / "old", features="last")
+    payload = torch.load(target, weights_only=False)
+    del payload["scope"]["features"]
+    torch.save(payload, target)
+    model, info = modelfile.load(target)
+    assert info.scope.features == "last" and model.feature_stages == ()
+    pixels = np.concatenate([images(6, 32, seed=3), far_sample()])
+    np.testing.assert_allclose(inference.TorchPredictor(model, info).scope_scores(pixels), fitted.scope_scores(pixels),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("members", [1, 2])

@@ -175,10 +175,11 @@ class TorchPredictor(Predictor):
 
 
 def fit_scope(predictor: TorchPredictor, method: str, retention: float, *, train: tuple, val: tuple,
-              val_probabilities: np.ndarray, batch_size: int = 128) -> tuple[dict | None, dict]:
+              val_probabilities: np.ndarray, batch_size: int = 128, features: str = "stages"
+              ) -> tuple[dict | None, dict]:
     """The out-of-scope score of ``method`` (skinlesion.evaluation.scope) for the
     predictor's model: for mahalanobis, class means and shared precision fitted on the
-    ``train`` split's pooled features (``(images, labels, patient rows)``), attached to
+    ``train`` split's pooled ``features`` (``(images, labels, patient rows)``), attached to
     the model as ``model.scope``; then the threshold keeping ``retention`` of the ``val``
     images (``(images, patient rows)``) in scope, from float32 scores. Returns the model
     file's ``scope`` and the tensors to store (none for msp and energy)."""
@@ -188,23 +189,30 @@ def fit_scope(predictor: TorchPredictor, method: str, retention: float, *, train
         return None, {}
     state = {}
     if method == "mahalanobis":
-        state = attach_mahalanobis(predictor, train, batch_size)
+        state = attach_mahalanobis(predictor, train, batch_size, features)
     images, patient = val
     if method == "msp":
         scores = scope.scores(method, probabilities=val_probabilities)
     else:  # the threshold from float32 scores, as every choice made on validation
         logits, distances = predictor.exact().plain_outputs(images, batch_size=batch_size, patient=patient)
         scores = scope.scores(method, logits=logits, distances=distances)
-    return {"method": method, "threshold": scope.threshold(scores, retention), "retention": retention}, state
+    described = {"method": method, "threshold": scope.threshold(scores, retention), "retention": retention}
+    if method == "mahalanobis":
+        described["features"] = features
+    return described, state
 
 
-def attach_mahalanobis(predictor: TorchPredictor, train: tuple, batch_size: int = 128) -> dict:
+def attach_mahalanobis(predictor: TorchPredictor, train: tuple, batch_size: int = 128,
+                       features: str = "stages") -> dict:
     """Fit the Mahalanobis score's class means and shared precision on the ``train``
-    split's pooled features (``(images, labels, patient rows)``) and attach it to the
-    predictor's model as ``model.scope``; returns its tensors, as the model file keeps them."""
+    split's pooled ``features`` (``skinlesion.training.models.pool_stages``; the split as
+    ``(images, labels, patient rows)``) and attach it to the predictor's model as
+    ``model.scope``; returns its tensors, as the model file keeps them."""
     from skinlesion.evaluation import scope
-    from skinlesion.training.models import Scope
+    from skinlesion.training.models import Scope, pool_stages
 
+    pool_stages(predictor.model, features)
+    predictor.model.scope = None  # a score fitted before measured other features
     images, labels, patient = train
     _, features, _ = plain_outputs(predictor.model, predictor.info, images, batch_size=batch_size,
                                    device=predictor.device, patient=patient, progress="scope: train features",

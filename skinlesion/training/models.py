@@ -61,6 +61,7 @@ class Classifier(nn.Module):
         self.head = head
         self.cam_layers = tuple(cam_layers)
         self.patient = None
+        self.feature_stages: tuple[int, ...] = ()  # see pool_stages
 
     def fuse_patient(self, width: int, num_classes: int, head: dict) -> None:
         """Feed ``width`` metadata features beside the image. With a dense head: a small
@@ -90,9 +91,31 @@ class Classifier(nn.Module):
 
     def forward_features(self, images: torch.Tensor, patient: torch.Tensor | None = None):
         """The logits and the pooled image features (the backbone's output averaged over
-        its spatial positions or tokens: what the out-of-scope score measures), from one pass."""
-        features = self.backbone(images)
-        return self.logits(features, patient), pooled(features)
+        its spatial positions or tokens: what the out-of-scope score measures), from one
+        pass; with ``feature_stages`` (``pool_stages``), the pooled outputs of those
+        backbone stages first, then the last's, side by side."""
+        if not self.feature_stages:
+            features = self.backbone(images)
+            return self.logits(features, patient), pooled(features)
+        parts, features = [], images
+        for index, stage in enumerate(self.backbone):
+            features = stage(features)
+            if index in self.feature_stages and index < len(self.backbone) - 1:
+                parts.append(pooled(features))
+        return self.logits(features, patient), torch.cat([*parts, pooled(features)], dim=1)
+
+    def stages(self) -> tuple[int, ...]:
+        """The backbone's top-level stages that hold Grad-CAM's layers (a ResNet's
+        layer2 to layer4: strides 8, 16 and 32), for a backbone that is a sequence of
+        stages; none for one that is not (a ViT's encoder)."""
+        if not isinstance(self.backbone, nn.Sequential):
+            return ()
+        found = set()
+        for name in self.cam_layers:
+            parts = name.split(".")
+            if len(parts) > 1 and parts[0] == "backbone" and parts[1].isdigit():
+                found.add(int(parts[1]))
+        return tuple(sorted(found))
 
 
 def pooled(features: torch.Tensor) -> torch.Tensor:
@@ -416,6 +439,21 @@ class Ensemble(nn.Module):
         if self.combine == "logits":
             return logits.mean(dim=0), features
         return torch.logsumexp(logits.log_softmax(dim=-1), dim=0) - math.log(len(self.members)), features
+
+
+FEATURES = ("last", "stages")
+
+
+def pool_stages(model: nn.Module, features: str) -> None:
+    """Which features ``forward_features`` gives every network in ``model``: ``last``,
+    the backbone's output pooled; ``stages``, the pooled outputs of its Grad-CAM stages
+    too (a ResNet's layer2 to layer4). The out-of-scope score measures them: the early
+    stages see colour and texture, which the last one, trained to tell lesions apart,
+    can map close to a lesion class (Lee et al. 2018 score several layers likewise)."""
+    if features not in FEATURES:
+        raise PipelineError(f"the out-of-scope features are '{features}'; expected one of {', '.join(FEATURES)}")
+    for network in members_of(model):
+        network.feature_stages = network.stages() if features == "stages" else ()
 
 
 def members_of(model: nn.Module) -> list[nn.Module]:
