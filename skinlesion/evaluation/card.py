@@ -66,7 +66,11 @@ def _scope(info: ModelInfo) -> list[str]:
     scope = info.scope
     if scope is None:
         return ["- Out-of-scope score: none; every image gets an answer, however unlike the training data"]
-    return [f"- Out-of-scope score: `{scope.method}`; an image scoring above {scope.threshold:.4g} (the "
+    measured = ""
+    if scope.method == "mahalanobis":
+        measured = (" of the pooled features of the backbone's stages" if scope.features == "stages"
+                    else " of the last stage's pooled features")
+    return [f"- Out-of-scope score: `{scope.method}`{measured}; an image scoring above {scope.threshold:.4g} (the "
             f"threshold that keeps {scope.retention:.0%} of the validation images) gets no diagnosis and no "
             f"melanoma flag: \"this does not look like the dermatoscopic images the model was trained on\""]
 
