@@ -15,7 +15,8 @@ Figures:
   uint8 images) against the model's forward pass alone.
 - onnx: images/s of the ONNX export on ONNX Runtime against the same graph in
   PyTorch (uint8 batch in, logits out, normalisation included), both on the CPU
-  with the same number of threads, whatever --device says.
+  with the same number of threads, whatever --device says; for each ensemble size
+  of --members (the cost of an ensemble at prediction).
 - pipeline: wall time and peak memory of each stage in a full `dvc repro` of a
   fresh copy of this repository, a no-op `dvc repro`, and which stage one param of
   each stage invalidates (`dvc repro --dry`; it cannot know whether outputs will
@@ -146,11 +147,14 @@ def bench_model(name: str, size: int, batch: int, device: torch.device, steps: i
             "predict_ratio": round(predict_rate / forward_only, 3)}
 
 
-def bench_onnx(name: str, size: int, batch: int, steps: int) -> dict:
-    """ONNX Runtime against PyTorch on the CPU, one uint8 batch to logits."""
+def bench_onnx(name: str, size: int, batch: int, steps: int, members: int = 1) -> dict:
+    """ONNX Runtime against PyTorch on the CPU, one uint8 batch to logits; ``members``
+    networks as one ensemble (their mean softmax, as calibrate combines them) costs
+    what prediction with an ensemble model file costs."""
     torch.manual_seed(0)
-    model = models.channels_last(models.build(name, num_classes=len(CLASSES), image_size=size, settings={},
-                                              head=HEAD)).eval()
+    networks = [models.channels_last(models.build(name, num_classes=len(CLASSES), image_size=size, settings={},
+                                                  head=HEAD)).eval() for _ in range(members)]
+    model = networks[0] if members == 1 else models.Ensemble(networks, "probabilities").eval()
     info = {"architecture": name, "classes": list(CLASSES), "image_size": size, "mean": list(models.IMAGENET_MEAN),
             "std": list(models.IMAGENET_STD)}
     threads = torch.get_num_threads()
@@ -169,7 +173,7 @@ def bench_onnx(name: str, size: int, batch: int, steps: int) -> dict:
     # Each timed twice, alternating, the faster kept: neither pays for the other's warm-up.
     pytorch, onnx = pytorch_rate(), onnx_rate()
     pytorch, onnx = max(pytorch, pytorch_rate()), max(onnx, onnx_rate())
-    return {"model": name, "image_size": size, "batch": batch, "threads": threads,
+    return {"model": name, "members": members, "image_size": size, "batch": batch, "threads": threads,
             "pytorch_cpu_images_per_s": round(pytorch, 1), "onnx_cpu_images_per_s": round(onnx, 1),
             "onnx_ratio": round(onnx / pytorch, 3)}
 
@@ -234,9 +238,9 @@ def markdown(result: dict) -> str:
                      f"{row['train_model_only_images_per_s']} | {row['train_ratio']} | {row['loader_images_per_s']} | "
                      f"{row['predict_images_per_s']} | {row['forward_only_images_per_s']} | {row['predict_ratio']} |")
     if result.get("onnx"):
-        lines += ["", "| model | px | batch | CPU threads | PyTorch img/s | ONNX Runtime img/s | ratio |",
-                  "|" + "---|" * 7]
-        lines += [f"| {row['model']} | {row['image_size']} | {row['batch']} | {row['threads']} | "
+        lines += ["", "| model | members | px | batch | CPU threads | PyTorch img/s | ONNX Runtime img/s | ratio |",
+                  "|" + "---|" * 8]
+        lines += [f"| {row['model']} | {row['members']} | {row['image_size']} | {row['batch']} | {row['threads']} | "
                   f"{row['pytorch_cpu_images_per_s']} | {row['onnx_cpu_images_per_s']} | {row['onnx_ratio']} |"
                   for row in result["onnx"]]
     if "decode_jpeg_images_per_s" in result:
@@ -278,6 +282,8 @@ def main() -> None:
     parser.add_argument("--scoring-precision", nargs="*", default=["fp32"],
                         help="after the pipeline run, time its scoring stages again with calibrate.precision at each")
     parser.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime against PyTorch comparison")
+    parser.add_argument("--members", nargs="+", type=int, default=[1],
+                        help="ensemble sizes of the ONNX Runtime against PyTorch comparison (1: one model)")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     os.environ["SKINLESION_PROGRESS"] = "0"
@@ -289,7 +295,8 @@ def main() -> None:
                         for name in args.models for precision in dict.fromkeys(args.precision)
                         for compiled in ([False, True] if args.compile else [False])]
     if not args.skip_onnx:
-        result["onnx"] = [bench_onnx(name, args.size, args.batch, args.steps) for name in args.models]
+        result["onnx"] = [bench_onnx(name, args.size, args.batch, args.steps, members)
+                          for name in args.models for members in args.members]
     if not args.skip_pipeline:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
