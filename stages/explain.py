@@ -1,5 +1,5 @@
-"""DVC stage `explain`: Grad-CAM on the test split, measured against lesion masks
-(skinlesion.evaluation.explain)."""
+"""DVC stage `explain`: Grad-CAM on the test split, measured against lesion masks, for
+the class the evaluate stage predicted for each image (skinlesion.evaluation.explain)."""
 
 import logging
 from pathlib import Path
@@ -12,6 +12,10 @@ from skinlesion.data.prepare import Prepared
 from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import explain, inference, predictor
 from skinlesion.files import atomic_dir, write_json
+
+# The classes the evaluate stage predicted for the test split: the heat maps explain them,
+# and the test split is not scored with every view a second time.
+PREDICTIONS = Path("plots/evaluate/predictions.csv")
 
 
 def main(params):
@@ -30,7 +34,9 @@ def main(params):
     scored, cams = explain.score_split(model.to(device), info, images, masks, has_mask, method=settings.method,
                                             batch_size=settings.batch_size, device=device,
                                             patient=predictor.patient_rows(info, test),
-                                            keep={i for chosen in shown.values() for i in chosen}, progress="explain")
+                                            keep={i for chosen in shown.values() for i in chosen}, progress="explain",
+                                            predicted=explain.predicted_classes(PREDICTIONS, test["image_id"],
+                                                                                info.classes))
     summary = explain.summarise(scored, labels, CLASSES)
     # The metric people compare is the overall figure; the per-class break-down sits with the plots.
     layer = scored[0]["layer"] if scored else None

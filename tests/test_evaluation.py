@@ -330,3 +330,25 @@ def test_calibration_change_says_whether_temperature_scaling_helps_with_a_paired
     assert worse["verdict"] == "hurts" and worse["ci95"]["low"] > 0
     same = calibration_change(labels, tempered, tempered, lesions, resamples=50, seed=0)
     assert same["difference"] == 0 and same["verdict"] == "no measurable change"
+
+
+def test_explain_reads_the_classes_evaluate_predicted_and_refuses_a_stale_file(tmp_path):
+    from skinlesion import CLASSES, PipelineError
+    from skinlesion.files import write_csv
+
+    ids = ["ISIC_1", "=HYPERLINK(1)", "ISIC_3"]
+    path = tmp_path / "predictions.csv"
+    write_csv(path, pd.DataFrame({"image_id": ids, "p_mel": [0.1, 0.2, 0.3], "actual": ["nv"] * 3,
+                                  "predicted": ["mel", "nv", "bcc"]}), for_people=True)
+    assert explain.predicted_classes(path, ids, CLASSES).tolist() == [CLASSES.index(c) for c in ("mel", "nv", "bcc")]
+    with pytest.raises(PipelineError, match="not the 2 test images"):
+        explain.predicted_classes(path, ids[:2], CLASSES)
+    with pytest.raises(PipelineError, match="not the 3 test images"):
+        explain.predicted_classes(path, ids[::-1], CLASSES)
+    with pytest.raises(PipelineError, match="'mel' is not one of"):
+        explain.predicted_classes(path, ids, ["nv", "bcc"])
+    with pytest.raises(PipelineError, match="no such file.*dvc repro evaluate"):
+        explain.predicted_classes(tmp_path / "missing.csv", ids, CLASSES)
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(PipelineError, match="no image_id, predicted column"):
+        explain.predicted_classes(tmp_path / "other.csv", ids, CLASSES)

@@ -80,6 +80,10 @@ def test_its_model_file_records_the_encoding_and_scoring_needs_the_metadata(lear
                                     batch_size=8, patient=rows[:20])
     assert [row["predicted"] for row in scored] == predicted[:20].tolist()
     assert all(0 <= row["energy_in_lesion"] <= 1 for row in scored)
+    # Given the classes evaluate predicted, explain scores nothing again and explains the same classes.
+    given, _ = explain.score_split(model, info, images[:20], masks[:20], np.ones(20, bool), method="gradcam",
+                                   batch_size=8, patient=rows[:20], predicted=predicted[:20])
+    assert given == scored
 
 
 def test_its_onnx_export_takes_the_metadata_as_a_second_input(learned, tmp_path):

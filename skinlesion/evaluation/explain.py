@@ -7,7 +7,10 @@ here: the share of heat-map energy inside the lesion mask, and the pointing game
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -119,11 +122,14 @@ def lesion_scores(cam: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | Non
 
 def score_split(model, info: ModelInfo, images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray,
                 *, method: str, batch_size: int, keep: set[int] = frozenset(), progress: str | None = None,
-                patient: np.ndarray | None = None, device: str | torch.device = "cpu"):
+                patient: np.ndarray | None = None, device: str | torch.device = "cpu",
+                predicted: np.ndarray | None = None):
     """Heat maps for every image (its predicted class, scored as the model file says,
     as target; in the file's precision) and, where a mask exists, its lesion scores.
     Returns per-image rows and the heat maps of the indices in ``keep`` (for overlays).
-    ``model`` must be on ``device``."""
+    ``model`` must be on ``device``. ``predicted``: the classes the evaluate stage
+    predicted for these images (``predicted_classes``), so that the test split is not
+    scored with every test-time view a second time; without it they are scored here."""
     from skinlesion.evaluation.inference import TorchPredictor, normalise
     from skinlesion.progress import bar
 
@@ -133,20 +139,50 @@ def score_split(model, info: ModelInfo, images: np.ndarray, masks: np.ndarray, h
     for start in starts if progress is None else bar(starts, desc=progress, unit="batch"):
         pixels = images[start:start + batch_size]
         metadata = None if patient is None else patient[start:start + batch_size]
-        predicted = predictor.probabilities(pixels, batch_size=batch_size, patient=metadata).argmax(axis=1)
+        batch_predicted = predictor.probabilities(pixels, batch_size=batch_size, patient=metadata).argmax(axis=1) \
+            if predicted is None else np.asarray(predicted[start:start + batch_size], dtype=np.int64)
         cams, layer = member_heatmaps(model, normalise(pixels, info, device), method=method,
-                                      target=torch.from_numpy(predicted).to(device),
+                                      target=torch.from_numpy(batch_predicted).to(device),
                                       patient=None if metadata is None else torch.from_numpy(metadata).to(device),
                                       amp=predictor.amp)
         for offset, cam in enumerate(cams):
             index = start + offset
             scores = lesion_scores(cam, masks[index]) if has_mask[index] else None
-            rows.append({"predicted": int(predicted[offset]), "layer": layer,
+            rows.append({"predicted": int(batch_predicted[offset]), "layer": layer,
                          "energy_in_lesion": None if scores is None else scores[0],
                          "pointing_hit": None if scores is None else scores[1]})
             if index in keep:
                 kept[index] = cam
     return rows, kept
+
+
+def predicted_classes(path: Path, image_ids, classes) -> np.ndarray:
+    """The predicted class indices that the evaluate stage wrote to ``path`` (its
+    ``predictions.csv``) for ``image_ids``, in their order; refused in one line when
+    the file is not the evaluation of these images (stale, edited or cut short)."""
+    from skinlesion.files import spreadsheet_safe
+
+    hint = "run `dvc repro evaluate` (or `dvc repro explain`, which runs it first)"
+    try:
+        table = pd.read_csv(path, dtype={"image_id": str, "predicted": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file; explain reads the evaluate stage's predictions; {hint}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{path}: not a table of predictions ({str(error).strip().splitlines()[0]}); "
+                            f"{hint}") from None
+    missing = {"image_id", "predicted"} - set(table.columns)
+    if missing:
+        raise PipelineError(f"{path}: no {', '.join(sorted(missing))} column; {hint}")
+    expected = spreadsheet_safe(pd.DataFrame({"image_id": list(image_ids)}))["image_id"].tolist()
+    if table["image_id"].tolist() != expected:
+        raise PipelineError(f"{path} lists {len(table)} images, not the {len(expected)} test images in their order "
+                            f"(a stale or edited evaluation); {hint}")
+    unknown = sorted(set(table["predicted"]) - set(classes))
+    if unknown:
+        raise PipelineError(f"{path}: predicted class '{unknown[0]}' is not one of the model's classes "
+                            f"({', '.join(classes)}); {hint}")
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[name] for name in table["predicted"]], dtype=np.int64)
 
 
 def summarise(rows: list[dict], labels: np.ndarray, classes) -> dict:
