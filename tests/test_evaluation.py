@@ -92,6 +92,36 @@ def test_weighted_auc_matches_scikit_learn():
         roc_auc_score(labels == 1, score, sample_weight=weight))
 
 
+def test_bootstrap_draws_scored_together_equal_each_draw_scored_alone_by_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+    labels, probabilities = _noisy(150, 5)
+    labels[labels == 3] = 2
+    labels[0] = 3  # a class of one image, that some draws miss: no recall and no AUC for it there
+    probabilities = probabilities.round(2)  # with ties
+    predicted = probabilities.argmax(axis=1)
+    flagged = probabilities[:, 4] >= 0.2
+    lesions = np.arange(150) // 2
+    weights = np.stack(list(metrics._lesion_weights(lesions, 40, np.random.default_rng(6))))
+    together = metrics._weighted_figures(labels, predicted, probabilities, weights, flagged)
+    for draw, weight in enumerate(weights):
+        # an image drawn k times is k copies of it, scored as one data set
+        copies = np.repeat(np.arange(150), weight.astype(int))
+        y, p = labels[copies], probabilities[copies]
+        present = sorted(set(y.tolist()))
+        assert together["balanced_accuracy"][draw] == pytest.approx(balanced_accuracy_score(y, p.argmax(axis=1)))
+        assert together["accuracy"][draw] == pytest.approx((p.argmax(axis=1) == y).mean())
+        assert together["macro_f1"][draw] == pytest.approx(
+            f1_score(y, p.argmax(axis=1), labels=present, average="macro", zero_division=0))
+        aucs = [roc_auc_score(y == c, p[:, c]) for c in range(7) if 0 < (y == c).sum() < len(y)]
+        assert together["macro_roc_auc"][draw] == pytest.approx(np.mean(aucs))
+        assert np.isnan(together["recall.df"][draw]) == (3 not in present)
+        mel = y == 4
+        assert together["melanoma_sensitivity"][draw] == pytest.approx(flagged[copies][mel].mean())
+        assert together["melanoma_specificity"][draw] == pytest.approx((~flagged[copies][~mel]).mean())
+    assert np.isnan(together["recall.df"]).any() and not np.isnan(together["recall.df"]).all()
+
+
 def test_melanoma_sensitivity_at_fixed_specificity():
     positive = np.array([1, 1, 0, 0, 0], dtype=bool)
     score = np.array([0.9, 0.4, 0.5, 0.1, 0.2])

@@ -159,42 +159,76 @@ def weighted_auc(positive: np.ndarray, score: np.ndarray, weight: np.ndarray) ->
     return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
 
 
-def _weighted_figures(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, weight: np.ndarray,
-                      mel_flagged: np.ndarray | None) -> dict:
-    """The headline figures when image i counts ``weight[i]`` times (a bootstrap draw)."""
+def _weighted_aucs(positive: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``weighted_auc`` for every row of ``weights`` (draws x images) at once: the
+    scores are sorted and their ties grouped once, then each draw is a row of sums."""
+    order = np.argsort(score, kind="stable")
+    ordered = score[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # one group per distinct score
+    sorted_weights, is_positive = weights[:, order], positive[order]
+    pos = np.add.reduceat(sorted_weights * is_positive, starts, axis=1)
+    neg = np.add.reduceat(sorted_weights * ~is_positive, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def _weighted_figures(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, weights: np.ndarray,
+                      mel_flagged: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The headline figures when image i counts ``weights[d, i]`` times in draw d (a
+    bootstrap draw per row; one row of ones: the figures themselves), flattened
+    (``recall.mel``...) to one value per draw: the draws are scored together, as
+    matrix products, not one by one."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     classes = probabilities.shape[1]
-    true = np.bincount(labels, weights=weight, minlength=classes)
-    hit = np.bincount(labels, weights=weight * (predicted == labels), minlength=classes)
-    said = np.bincount(predicted, weights=weight, minlength=classes)
+    truth, said = np.eye(classes)[labels], np.eye(classes)[predicted]
+    true = weights @ truth
+    hit = weights @ (truth * (predicted == labels)[:, None])
     present = true > 0
-    recall = np.divide(hit, true, out=np.zeros(classes), where=present)
-    precision = np.divide(hit, said, out=np.zeros(classes), where=said > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(classes), where=precision + recall > 0)
-    figures = {"balanced_accuracy": float(recall[present].mean()), "accuracy": float(hit.sum() / true.sum()),
-               "macro_f1": float(f1[present].mean())}
-    aucs = []
+    zeros = np.zeros_like(true)
+    recall = np.divide(hit, true, out=zeros.copy(), where=present)
+    precision = np.divide(hit, weights @ said, out=zeros.copy(), where=(weights @ said) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=zeros.copy(), where=precision + recall > 0)
+    counted = present.sum(axis=1)
+    figures = {"balanced_accuracy": (recall * present).sum(axis=1) / counted,
+               "accuracy": hit.sum(axis=1) / true.sum(axis=1), "macro_f1": (f1 * present).sum(axis=1) / counted}
+    total = weights.sum(axis=1)
+    aucs = np.full((len(weights), classes), np.nan)
     for c in range(classes):
         positive = labels == c
-        if 0 < weight[positive].sum() < weight.sum():
-            aucs.append(weighted_auc(positive, probabilities[:, c], weight))
-    figures["macro_roc_auc"] = float(np.mean(aucs)) if aucs else float("nan")
-    figures["recall"] = {CLASSES[c]: float(recall[c]) if present[c] else float("nan") for c in range(classes)}
+        if positive.any() and not positive.all():
+            drawn = true[:, c]
+            both = (drawn > 0) & (drawn < total)  # the class with positives and negatives in the draw
+            aucs[both, c] = _weighted_aucs(positive, probabilities[:, c], weights[both])
+    scored = np.isfinite(aucs).sum(axis=1)
+    figures["macro_roc_auc"] = np.divide(np.nansum(aucs, axis=1), scored, out=np.full(len(weights), np.nan),
+                                         where=scored > 0)
+    for c in range(classes):
+        figures[f"recall.{CLASSES[c]}"] = np.where(present[:, c], recall[:, c], np.nan)
     if mel_flagged is not None:
-        mel = labels == CLASSES.index("mel")
-        positives, negatives = (weight * mel).sum(), (weight * ~mel).sum()
-        figures["melanoma_sensitivity"] = float((weight * (mel & mel_flagged)).sum() / positives) if positives else nan
-        figures["melanoma_specificity"] = float((weight * (~mel & ~mel_flagged)).sum() / negatives) if negatives else nan
+        mel = (labels == CLASSES.index("mel")).astype(float)
+        flagged = np.asarray(mel_flagged, dtype=float)
+        positives, negatives = weights @ mel, weights @ (1 - mel)
+        figures["melanoma_sensitivity"] = np.divide(weights @ (mel * flagged), positives,
+                                                    out=np.full(len(weights), np.nan), where=positives > 0)
+        figures["melanoma_specificity"] = np.divide(weights @ ((1 - mel) * (1 - flagged)), negatives,
+                                                    out=np.full(len(weights), np.nan), where=negatives > 0)
     return figures
 
 
-def _flatten(figures: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in figures.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def _figures(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray,
+             mel_flagged: np.ndarray | None) -> dict:
+    """The headline figures of the images as they are (every weight one), nested as
+    the metrics file writes them (``recall: {class: value}``)."""
+    flat = _weighted_figures(labels, predicted, probabilities, np.ones((1, len(labels))), mel_flagged)
+    figures: dict = {}
+    for key, values in flat.items():
+        *parents, last = key.split(".")
+        node = figures
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = float(values[0])
+    return figures
 
 
 def _lesion_weights(lesions: np.ndarray, resamples: int, rng: np.random.Generator):
@@ -206,19 +240,22 @@ def _lesion_weights(lesions: np.ndarray, resamples: int, rng: np.random.Generato
         yield np.bincount(rng.integers(0, count, count), minlength=count)[lesion_of].astype(float)
 
 
-def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *, resamples: int,
-                        seed: int, mel_threshold: float | None = None) -> dict:
-    """95 % percentile intervals of the headline figures, resampling **lesions** with
-    replacement (all images of a drawn lesion come along): images of one lesion are
-    not independent, so resampling images would make the intervals too narrow."""
-    labels = np.asarray(labels)
-    predicted = probabilities.argmax(axis=1)
-    flagged = None if mel_threshold is None else probabilities[:, CLASSES.index("mel")] >= mel_threshold
-    draws = [_flatten(_weighted_figures(labels, predicted, probabilities, weight, flagged))
-             for weight in _lesion_weights(lesions, resamples, np.random.default_rng(seed))]
+def _lesion_weight_blocks(lesions: np.ndarray, resamples: int, rng: np.random.Generator, block: int = 250):
+    """``_lesion_weights``'s draws (the same ones, in order) stacked ``block`` at a time
+    into draws x images matrices, so that memory stays bounded on large sets."""
+    rows = []
+    for weight in _lesion_weights(lesions, resamples, rng):
+        rows.append(weight)
+        if len(rows) == block:
+            yield np.stack(rows)
+            rows = []
+    if rows:
+        yield np.stack(rows)
+
+
+def _percentile_intervals(draws: dict[str, np.ndarray]) -> dict:
     intervals: dict = {}
-    for key in draws[0]:
-        values = np.array([draw[key] for draw in draws], dtype=float)
+    for key, values in draws.items():
         with warnings.catch_warnings():  # a class absent from every draw has no interval: nan, said once
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = np.nanpercentile(values, [2.5, 97.5])
@@ -228,6 +265,25 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, lesions: 
             node = node.setdefault(part, {})
         node[last] = {"low": round(float(low), 4), "high": round(float(high), 4)}
     return intervals
+
+
+def _bootstrap_draws(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray,
+                     flagged: np.ndarray | None, resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    blocks = [_weighted_figures(labels, predicted, probabilities, weights, flagged)
+              for weights in _lesion_weight_blocks(lesions, resamples, rng)]
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
+
+
+def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *, resamples: int,
+                        seed: int, mel_threshold: float | None = None) -> dict:
+    """95 % percentile intervals of the headline figures, resampling **lesions** with
+    replacement (all images of a drawn lesion come along): images of one lesion are
+    not independent, so resampling images would make the intervals too narrow."""
+    labels = np.asarray(labels)
+    predicted = probabilities.argmax(axis=1)
+    flagged = None if mel_threshold is None else probabilities[:, CLASSES.index("mel")] >= mel_threshold
+    return _percentile_intervals(_bootstrap_draws(labels, predicted, probabilities, lesions, flagged, resamples,
+                                                  np.random.default_rng(seed)))
 
 
 def report(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *, uncalibrated: np.ndarray | None = None,
@@ -243,7 +299,7 @@ def report(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, *
     has_mel = 0 < (labels == mel).sum() < len(labels)
     threshold = mel_threshold if has_mel else None
     flagged = None if threshold is None else probabilities[:, mel] >= threshold
-    figures = _weighted_figures(labels, probabilities.argmax(axis=1), probabilities, np.ones(len(labels)), flagged)
+    figures = _figures(labels, probabilities.argmax(axis=1), probabilities, flagged)
     headline_figures = {key: figures[key] for key in ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc")}
     result = {**headline_figures, "recall": figures["recall"],
               "expected_calibration_error": expected_calibration_error(labels, probabilities)}
@@ -330,13 +386,14 @@ def difference_intervals(a: tuple, b: tuple, *, resamples: int, seed: int) -> di
     for labels, probabilities, lesions in (a, b):
         labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
         predicted = probabilities.argmax(axis=1)
-        figures.append(_flatten(_weighted_figures(labels, predicted, probabilities, np.ones(len(labels)), None)))
-        draws.append([_flatten(_weighted_figures(labels, predicted, probabilities, weight, None))
-                      for weight in _lesion_weights(lesions, resamples, rng)])
+        figures.append(_figures(labels, predicted, probabilities, None))
+        draws.append(_bootstrap_draws(labels, predicted, probabilities, lesions, None, resamples, rng))
     result = {}
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "macro_roc_auc"):
-        differences = np.array([y[key] - x[key] for x, y in zip(*draws)], dtype=float)
-        low, high = np.nanpercentile(differences, [2.5, 97.5])
+        differences = draws[1][key] - draws[0][key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = np.nanpercentile(differences, [2.5, 97.5])
         result[key] = {"a": round(figures[0][key], 4), "b": round(figures[1][key], 4),
                        "difference": round(figures[1][key] - figures[0][key], 4),
                        "ci95": {"low": round(float(low), 4), "high": round(float(high), 4)}}
