@@ -9,11 +9,17 @@ from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
 from skinlesion.data.split import read_manifest
 from skinlesion.evaluation import evaluate, inference, subgroups
+from skinlesion.files import file_digest
+
+MODEL = Path("models/model.pt")
+# Every out-of-scope candidate's scores of the test split, from this stage's one scoring
+# of it: the scope stage compares the candidates on them instead of scoring it again.
+SCOPE_SCORES = Path("data/evaluate/scope_scores.npz")
 
 
 def main(params):
     settings = params.evaluate
-    model, info = modelfile.load(Path("models/model.pt"))
+    model, info = modelfile.load(MODEL)
     device = inference.scoring_device()
     test = read_manifest("data/split/test.csv")
     test = subgroups.with_dx_type(test, Path("data/raw/metadata.csv"))  # for the figures by diagnosis method
@@ -22,7 +28,8 @@ def main(params):
     predictor = inference.TorchPredictor(model, info, device)
     result = evaluate.evaluate_split(predictor, test, images, settings,
                                      metrics_path=Path("metrics/evaluate.json"), plots_dir=Path("plots/evaluate"),
-                                     progress="evaluate")
+                                     progress="evaluate", scores_path=SCOPE_SCORES,
+                                     model_digest=file_digest(MODEL))
     ci = result["ci95"]
     logging.info("test (%d images, %d lesions; 95%% lesion-bootstrap intervals): balanced accuracy %.3f [%.3f, %.3f], "
                  "accuracy %.3f [%.3f, %.3f], macro F1 %.3f, macro ROC AUC %.3f [%.3f, %.3f]", result["images"],

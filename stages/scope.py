@@ -12,13 +12,16 @@ from skinlesion import modelfile, plots
 from skinlesion.cli import run_stage
 from skinlesion.data.prepare import Prepared
 from skinlesion.data.split import read_manifest
-from skinlesion.evaluation import inference, scope_sets
-from skinlesion.files import atomic_dir, write_json
+from skinlesion.evaluation import inference, scope, scope_sets
+from skinlesion.files import atomic_dir, file_digest, write_json
+
+MODEL = Path("models/model.pt")
+SCOPE_SCORES = Path("data/evaluate/scope_scores.npz")  # the evaluate stage's scores of the test split
 
 
 def main(params):
     settings = params.scope
-    model, info = modelfile.load(Path("models/model.pt"))
+    model, info = modelfile.load(MODEL)
     device = inference.scoring_device()
     prepared = Prepared("data/prepared")
     predictor = inference.TorchPredictor(model, info, device)
@@ -33,8 +36,13 @@ def main(params):
     has_mask = prepared.index["has_mask"].to_numpy()[rows].astype(bool)
     sets = {"far": scope_sets.far(info.image_size, settings.per_kind, settings.seed),
             "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings.per_kind, settings.seed)}
+    # A model carrying the Mahalanobis score was scored on the test split by evaluate, every
+    # candidate included; for one that carries another, the candidate is fitted here, so score it.
+    inside = None if info.scope is None or info.scope.method != "mahalanobis" else scope.load_candidates(
+        SCOPE_SCORES, test["image_id"], file_digest(MODEL),
+        hint="run `dvc repro evaluate` (or `dvc repro scope`, which runs it first)")
     result, scored = scope_sets.measure(predictor, images, predictor.patient_rows(test), sets,
-                                        batch_size=settings.batch_size)
+                                        batch_size=settings.batch_size, inside_scores=inside)
     write_json(Path("metrics/scope.json"), result, sort_keys=False)
     with atomic_dir(Path("plots/scope")) as out:
         plots.score_histograms(scored, result.get("method"), result.get("threshold"), out / "scores.png")

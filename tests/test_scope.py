@@ -279,3 +279,50 @@ def test_the_measurement_names_the_kinds_that_pass_as_a_melanoma(tmp_path):
     assert far["melanoma_flag_by_kind"] == {kind: int(passed[[k == kind for k in kinds]].sum())
                                             for kind in sorted(set(kinds))}
     assert sum(far["melanoma_flag_by_kind"].values()) == pytest.approx(far["melanoma_flag"] * len(kinds), abs=0.01)
+
+
+def test_scope_compares_the_candidates_on_the_test_scores_evaluate_saved_and_refuses_stale_ones(tmp_path):
+    from skinlesion.evaluation import evaluate
+    from skinlesion.files import file_digest
+
+    target, _ = scoped_model_file(tmp_path)
+    predictor = inference.TorchPredictor(*modelfile.load(target))
+    inside = images(21, 32, seed=3)
+    frame = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(21)],
+                          "lesion_id": [f"HAM_{i:07d}" for i in range(21)], "label": np.arange(21) % 7})
+    settings = params.Evaluate(batch_size=8, mel_specificity=0.9, bootstrap_resamples=10, bootstrap_seed=0)
+    saved, digest = tmp_path / "scores" / "scope_scores.npz", file_digest(target)
+    evaluate.evaluate_split(predictor, frame, inside, settings, metrics_path=tmp_path / "m.json", plots_dir=None,
+                            scores_path=saved, model_digest=digest)
+    hint = "run `dvc repro evaluate`"
+    found = scope.load_candidates(saved, frame["image_id"], digest, hint)
+    assert set(found) == set(scope.METHODS)
+    pictures, kinds = scope_sets.far(32, per_kind=1)
+    sets = {"far": (pictures, kinds)}
+    reused, reused_scores = scope_sets.measure(predictor, inside, None, sets, batch_size=8, inside_scores=found)
+    scored, scored_scores = scope_sets.measure(predictor, inside, None, sets, batch_size=8)
+    for method in scope.METHODS:  # the same figures as scoring the test split here
+        np.testing.assert_allclose(reused_scores["test"][method], scored_scores["test"][method], rtol=1e-6)
+    assert reused == scored
+    for stale, message in ((lambda: scope.load_candidates(saved, frame["image_id"], "0" * 64, hint), "another model"),
+                           (lambda: scope.load_candidates(saved, frame["image_id"][::-1], digest, hint), "order"),
+                           (lambda: scope.load_candidates(tmp_path / "none.npz", frame["image_id"], digest, hint),
+                            "no such file")):
+        with pytest.raises(PipelineError, match=message) as refused:
+            stale()
+        assert "dvc repro evaluate" in str(refused.value) and "\n" not in str(refused.value)
+    (tmp_path / "cut.npz").write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(PipelineError, match="not a file of scores"):
+        scope.load_candidates(tmp_path / "cut.npz", frame["image_id"], digest, hint)
+
+
+def test_the_saved_scores_are_the_same_bytes_for_the_same_scores(tmp_path, monkeypatch):
+    import time
+
+    found = {"msp": np.array([0.1, 0.2]), "energy": np.array([-3.0, -1.5]), "mahalanobis": np.array([9.0, 2.0])}
+    scope.save_candidates(tmp_path / "a.npz", ["ISIC_1", "ISIC_2"], found, "abc")
+    monkeypatch.setattr(time, "time", lambda: 1e9)  # written years apart: no time stamp may reach the bytes
+    scope.save_candidates(tmp_path / "b.npz", ["ISIC_1", "ISIC_2"], found, "abc")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    loaded = scope.load_candidates(tmp_path / "a.npz", ["ISIC_1", "ISIC_2"], "abc", "rerun")
+    assert set(loaded) == set(found) and all(np.array_equal(loaded[k], found[k]) for k in found)

@@ -12,20 +12,27 @@ import numpy as np
 import pandas as pd
 
 from skinlesion import CLASSES, plots
-from skinlesion.evaluation import calibrate, metrics, subgroups
+from skinlesion.evaluation import calibrate, metrics, scope, subgroups
 from skinlesion.evaluation.predictor import Predictor
 from skinlesion.files import atomic_dir, write_csv, write_json
 from skinlesion.params import Evaluate
 
 
 def evaluate_split(predictor: Predictor, frame: pd.DataFrame, images: np.ndarray, settings: Evaluate, *,
-                   metrics_path: Path, plots_dir: Path | None, progress: str | None = None) -> dict:
+                   metrics_path: Path, plots_dir: Path | None, progress: str | None = None,
+                   scores_path: Path | None = None, model_digest: str = "") -> dict:
     """Score ``frame`` (image_id, lesion_id, label; ``images`` in its order) with ``predictor``
     (skinlesion.evaluation.predictor): writes the headline metrics to ``metrics_path`` and
-    the details and plots under ``plots_dir``."""
+    the details and plots under ``plots_dir``; with ``scores_path``, for a model carrying
+    the Mahalanobis score, every out-of-scope candidate's scores of these images
+    (``scope.save_candidates``, under ``model_digest``), which the scope stage reads."""
     how = predictor.scoring
     logits, probabilities, scores = predictor.answer(images, batch_size=settings.batch_size, progress=progress,
                                                      patient=predictor.patient_rows(frame))  # None: no metadata
+    if scores_path is not None:
+        distances = scores if predictor.scope_method == "mahalanobis" else None
+        scope.save_candidates(scores_path, frame["image_id"], scope.candidates(logits, probabilities, distances),
+                              model_digest)
     uncalibrated = calibrate.probabilities(logits, {**how, "temperature": 1.0})
     labels = frame["label"].to_numpy()
     result, details = metrics.report(labels, probabilities, frame["lesion_id"].to_numpy(), uncalibrated=uncalibrated,

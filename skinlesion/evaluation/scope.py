@@ -24,6 +24,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from skinlesion import PipelineError
+from skinlesion.files import atomic_path
 
 METHODS = ("msp", "energy", "mahalanobis")
 NOTICE = "this does not look like the dermatoscopic images the model was trained on"
@@ -41,6 +42,46 @@ def scores(method: str, *, logits: np.ndarray | None = None, probabilities: np.n
     if method == "mahalanobis":
         return np.asarray(distances, dtype=np.float64)
     raise PipelineError(f"calibrate.scope is '{method}'; expected none or one of {', '.join(METHODS)}")
+
+
+def candidates(logits: np.ndarray, probabilities: np.ndarray, distances: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Every candidate's scores from one scoring of the images: the views' ``logits``
+    (V x N x classes, the plain view first), their ``probabilities`` as scored and the
+    model's Mahalanobis ``distances`` (None: a model without them, and no mahalanobis)."""
+    found = {"msp": scores("msp", probabilities=probabilities), "energy": scores("energy", logits=logits[0])}
+    if distances is not None:
+        found["mahalanobis"] = scores("mahalanobis", distances=distances)
+    return found
+
+
+def save_candidates(path, image_ids, found: dict[str, np.ndarray], model_digest: str) -> None:
+    """The candidates' scores of the images ``image_ids`` under the model file whose
+    digest is ``model_digest`` (the evaluate stage's scoring of the test split, so that
+    the scope stage does not score it again)."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, image_id=np.asarray(list(image_ids), dtype=str), model=np.asarray(model_digest),
+                 **{f"score_{name}": np.asarray(values) for name, values in found.items()})
+
+
+def load_candidates(path, image_ids, model_digest: str, hint: str) -> dict[str, np.ndarray]:
+    """``save_candidates``'s scores, refused in one line (with ``hint``) when the file is
+    missing or not the scoring of these images under this model file."""
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            stored = {key: saved[key] for key in saved.files}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such file; {hint}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise PipelineError(f"{path}: not a file of scores ({str(error).strip().splitlines()[0]}); {hint}") from None
+    if str(stored.get("model", "")) != model_digest:
+        raise PipelineError(f"{path} scored another model file than this one (a stale evaluation); {hint}")
+    if stored.get("image_id", np.array([])).tolist() != [str(i) for i in image_ids]:
+        raise PipelineError(f"{path} does not list the {len(image_ids)} test images in their order; {hint}")
+    return {key.removeprefix("score_"): values for key, values in stored.items() if key.startswith("score_")}
 
 
 RESOLUTION = 1e-2  # the smallest feature spread the Mahalanobis distance resolves, relative to their size

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from skinlesion import PipelineError
+
 GENERATED = ("noise", "flat", "gradient", "text", "checkerboard", "stripes", "rings", "blocks")
 CORRUPTIONS = ("blurred", "over_exposed", "under_exposed", "jpeg_5", "crop_10", "greyscale", "mask")
 SKIMAGE = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
@@ -172,12 +174,14 @@ def near(images: np.ndarray, masks: np.ndarray, has_mask: np.ndarray, per_kind: 
 
 
 def measure(predictor, inside: np.ndarray, inside_patient, sets: dict[str, tuple[np.ndarray, list[str]]], *,
-            batch_size: int = 128, retention: float = 0.95) -> tuple[dict, dict]:
+            batch_size: int = 128, retention: float = 0.95,
+            inside_scores: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Every candidate score (``skinlesion.evaluation.scope.METHODS``) on the
     in-distribution images ``inside`` and on each out-of-scope set (``{name: (images,
     kinds)}``, scored with unknown patient metadata for a model that takes it); the
     separation per set and candidate (and, for the model's own method, the shares each
-    side of its threshold), and every image's scores (for the plots)."""
+    side of its threshold), and every image's scores (for the plots). ``inside_scores``:
+    the candidates of ``inside`` as already scored (``scope.candidates``), not scored again."""
     from skinlesion.evaluation import calibrate, scope
 
     flags: dict[str, np.ndarray | None] = {}
@@ -187,13 +191,14 @@ def measure(predictor, inside: np.ndarray, inside_patient, sets: dict[str, tuple
         logits, distances = predictor.outputs(images, batch_size=batch_size, patient=patient)
         probabilities = calibrate.probabilities(logits, predictor.scoring).astype(np.float32)
         flags[name] = predictor.melanoma_flags(probabilities)
-        return {"msp": scope.scores("msp", probabilities=probabilities),
-                "energy": scope.scores("energy", logits=logits[0]),
-                "mahalanobis": scope.scores("mahalanobis", distances=distances)}
+        return scope.candidates(logits, probabilities, distances)
 
     own = predictor.info.scope
     method_own, threshold_own = (None, None) if own is None else (own.method, own.threshold)
-    scored = {"test": candidates("test", inside, inside_patient)}
+    if inside_scores is not None and set(inside_scores) != set(scope.METHODS):
+        raise PipelineError(f"the in-distribution scores hold {', '.join(sorted(inside_scores))}, "
+                            f"not every candidate ({', '.join(scope.METHODS)})")
+    scored = {"test": inside_scores if inside_scores is not None else candidates("test", inside, inside_patient)}
     result: dict = {"method": method_own, "threshold": threshold_own, "sets": {}}
     for name, (images, kinds) in sets.items():
         patient = unknown_patient(predictor, len(images))
