@@ -64,8 +64,8 @@ def test_balance_param_reruns_balance_and_train_only(project):
     assert changed == {"data/balanced", "plots/balance/summary.json", "plots/balance/augmented_montage.png",
                        "models/members/42.pt", "models/model.pt", "models/model.onnx", "metrics/calibrate.json",
                        "plots/calibrate/tau_search.csv", "metrics/train/42/metrics.json", "metrics/train/42/plots",
-                       "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json",
-                       "data/evaluate/scope_scores.npz", "plots/scope", "metrics/scope.json", "plots/explain", "metrics/explain.json"}
+                       "models/MODEL_CARD.md", "plots/evaluate", "metrics/evaluate.json", "data/evaluate/scope_scores.npz",
+                       "plots/scope", "metrics/scope.json", "plots/explain", "metrics/explain.json"}
     assert json.loads((project / "plots/balance/summary.json").read_text())["images"] == 63
 
     # Back to the committed value: the run cache restores every stage without running it.
