@@ -18,6 +18,9 @@ No PyTorch here."""
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import numpy as np
 from scipy.special import logsumexp
 from sklearn.covariance import LedoitWolf
@@ -66,9 +69,6 @@ def save_candidates(path, image_ids, found: dict[str, np.ndarray], model_digest:
 def load_candidates(path, image_ids, model_digest: str, hint: str) -> dict[str, np.ndarray]:
     """``save_candidates``'s scores, refused in one line (with ``hint``) when the file is
     missing or not the scoring of these images under this model file."""
-    import zipfile
-    from pathlib import Path
-
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as saved:
@@ -76,7 +76,8 @@ def load_candidates(path, image_ids, model_digest: str, hint: str) -> dict[str, 
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such file; {hint}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise PipelineError(f"{path}: not a file of scores ({str(error).strip().splitlines()[0]}); {hint}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PipelineError(f"{path}: not a file of scores ({reason}); {hint}") from None
     if str(stored.get("model", "")) != model_digest:
         raise PipelineError(f"{path} scored another model file than this one (a stale evaluation); {hint}")
     if stored.get("image_id", np.array([])).tolist() != [str(i) for i in image_ids]:
