@@ -152,11 +152,8 @@ def weighted_auc(positive: np.ndarray, score: np.ndarray, weight: np.ndarray) ->
     """ROC AUC when image i counts ``weight[i]`` times: the weighted probability that a
     positive outscores a negative, ties counting half (what roc_auc_score gives with
     ``sample_weight``, in one pass over the sorted scores)."""
-    _, rank = np.unique(score, return_inverse=True)
-    pos = np.bincount(rank, weights=weight * positive)
-    neg = np.bincount(rank, weights=weight * ~positive)
-    below = np.cumsum(neg) - neg
-    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+    return float(_weighted_aucs(np.asarray(positive, dtype=bool), np.asarray(score),
+                                np.asarray(weight, dtype=np.float64)[None])[0])
 
 
 def _weighted_aucs(positive: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -184,10 +181,11 @@ def _weighted_figures(labels: np.ndarray, predicted: np.ndarray, probabilities: 
     truth, said = np.eye(classes)[labels], np.eye(classes)[predicted]
     true = weights @ truth
     hit = weights @ (truth * (predicted == labels)[:, None])
+    predicted_as = weights @ said
     present = true > 0
     zeros = np.zeros_like(true)
     recall = np.divide(hit, true, out=zeros.copy(), where=present)
-    precision = np.divide(hit, weights @ said, out=zeros.copy(), where=(weights @ said) > 0)
+    precision = np.divide(hit, predicted_as, out=zeros.copy(), where=predicted_as > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=zeros.copy(), where=precision + recall > 0)
     counted = present.sum(axis=1)
     figures = {"balanced_accuracy": (recall * present).sum(axis=1) / counted,
@@ -221,14 +219,20 @@ def _figures(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarra
     """The headline figures of the images as they are (every weight one), nested as
     the metrics file writes them (``recall: {class: value}``)."""
     flat = _weighted_figures(labels, predicted, probabilities, np.ones((1, len(labels))), mel_flagged)
-    figures: dict = {}
-    for key, values in flat.items():
+    return _nested({key: float(values[0]) for key, values in flat.items()})
+
+
+def _nested(flat: dict) -> dict:
+    """``{"recall.mel": x}`` as ``{"recall": {"mel": x}}``: the flattened figures of a
+    draw, nested as the metrics file writes them."""
+    nested: dict = {}
+    for key, value in flat.items():
         *parents, last = key.split(".")
-        node = figures
+        node = nested
         for part in parents:
             node = node.setdefault(part, {})
-        node[last] = float(values[0])
-    return figures
+        node[last] = value
+    return nested
 
 
 def _lesion_weights(lesions: np.ndarray, resamples: int, rng: np.random.Generator):
@@ -254,17 +258,13 @@ def _lesion_weight_blocks(lesions: np.ndarray, resamples: int, rng: np.random.Ge
 
 
 def _percentile_intervals(draws: dict[str, np.ndarray]) -> dict:
-    intervals: dict = {}
+    intervals = {}
     for key, values in draws.items():
         with warnings.catch_warnings():  # a class absent from every draw has no interval: nan, said once
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = np.nanpercentile(values, [2.5, 97.5])
-        node = intervals
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = {"low": round(float(low), 4), "high": round(float(high), 4)}
-    return intervals
+        intervals[key] = {"low": round(float(low), 4), "high": round(float(high), 4)}
+    return _nested(intervals)
 
 
 def _bootstrap_draws(labels: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray,
