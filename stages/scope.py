@@ -38,7 +38,7 @@ def main(params):
             "near": scope_sets.near(images, prepared.masks[rows], has_mask, settings.per_kind, settings.seed)}
     # A model carrying the Mahalanobis score was scored on the test split by evaluate, every
     # candidate included; for one that carries another, the candidate is fitted here, so score it.
-    inside = None if info.scope is None or info.scope.method != "mahalanobis" else scope.load_candidates(
+    inside = None if predictor.scope_method != "mahalanobis" else scope.load_candidates(
         SCOPE_SCORES, test["image_id"], file_digest(MODEL),
         hint="run `dvc repro evaluate` (or `dvc repro scope`, which runs it first)")
     result, scored = scope_sets.measure(predictor, images, predictor.patient_rows(test), sets,

@@ -168,8 +168,8 @@ def predicted_classes(path: Path, image_ids, classes) -> np.ndarray:
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such file; explain reads the evaluate stage's predictions; {hint}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{path}: not a table of predictions ({str(error).strip().splitlines()[0]}); "
-                            f"{hint}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PipelineError(f"{path}: not a table of predictions ({reason}); {hint}") from None
     missing = {"image_id", "predicted"} - set(table.columns)
     if missing:
         raise PipelineError(f"{path}: no {', '.join(sorted(missing))} column; {hint}")
