@@ -1,7 +1,7 @@
 """Bayesian search of the recipe with Optuna, each trial a DVC experiment.
 
     python -m skinlesion.tune --trials 20                 # the search space of tune.yaml
-    python -m skinlesion.tune --trials 20 -S prepare.image_size=64 -S train.epochs=18
+    python -m skinlesion.tune --trials 20 -S prepare.image_size=64 -S train.epochs=18   # fixed: not searched
     dvc exp show                                          # every trial, with its params and validation figures
     dvc exp apply tune-7                                  # bring trial 7 into the workspace
 
@@ -16,7 +16,9 @@ The study lives in SQLite under the repository by default (``.optuna/studies.db`
 git-ignored); any database URL Optuna accepts (``--storage postgresql://...``) lets
 several machines work on one study. Ctrl-C stops the trial under way (marked failed)
 and leaves the study resumable: the next call with the same study carries on until
-``--trials`` trials have completed or been pruned.
+``--trials`` trials have completed or been pruned. At the end it prints the best trial as
+a ``dvc exp run -S ...`` line and writes Optuna's history and parameter-importance plots,
+with a table of the trials, under ``plots/tune/``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,14 +34,18 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from skinlesion import PipelineError, cli, params
+from skinlesion import PipelineError, cli, params, plots
+from skinlesion.files import write_csv
+from skinlesion.untrusted import shown
 
 log = logging.getLogger("skinlesion.tune")
 
 SPACE = Path("tune.yaml")
 STORAGE = "sqlite:///.optuna/studies.db"
 POLL_SECONDS = 2.0
+PLOTS = Path("plots/tune")
 
 
 class TrialFailed(Exception):
@@ -67,6 +74,71 @@ def read_space(path: Path) -> dict:
             raise PipelineError(f"{path}: {key} needs {{low, high}} (with log: true or int: true) or {{choices: [...]}}")
     return {"objective": objective, "direction": "minimize" if objective == "val_loss" else "maximize",
             "params": space}
+
+
+def without_fixed(space: dict, fixed: list[str]) -> dict:
+    """The space less the params fixed with ``-S key=value``: a fixed param is not searched."""
+    keys = set()
+    for item in fixed:
+        key, equals, _ = item.partition("=")
+        if not equals or not key.strip():
+            raise PipelineError(f"-S {item}: give a fixed param as key=value, e.g. -S prepare.image_size=64")
+        keys.add(key.strip())
+    searched = {key: spec for key, spec in space["params"].items() if key not in keys}
+    if not searched:
+        raise PipelineError(f"every param of the search space is fixed with -S ({', '.join(sorted(keys))}): "
+                            f"leave at least one to search")
+    for key in sorted(keys & set(space["params"])):
+        log.info("%s is fixed with -S: not searched", key)
+    return {**space, "params": searched}
+
+
+def override(key: str, value) -> str:
+    """``key=value`` as ``dvc exp run -S`` reads it back (YAML): a string bare where YAML
+    keeps it a string, everything else as JSON."""
+    text = value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+    return f"{key}={text}"
+
+
+def best_command(fixed: list[str], chosen: dict) -> str:
+    """The best trial as the `dvc exp run` line that trains it again, fixed params first."""
+    overrides = [*fixed, *(override(key, value) for key, value in chosen.items())]
+    return " ".join(["dvc exp run", *(f"-S {shlex.quote(item)}" for item in overrides)])
+
+
+def write_plots(study, folder: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances (PNG) and the trials (CSV),
+    named after the study; the importances need two completed trials that differ."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    name = study.study_name
+    written = [folder / f"{name}-trials.csv"]
+    columns = ["number", "state", "value", "duration"] + [f"params_{key}" for key in sorted(
+        {key for trial in study.trials for key in trial.params})]
+    table = study.trials_dataframe()
+    table["duration"] = table["duration"].dt.total_seconds().round(1) if "duration" in table else None
+    write_csv(written[0], table.reindex(columns=columns))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axis = optuna_plots.plot_optimization_history(study)
+        plots.save_figure(axis.figure, folder / f"{name}-history.png")
+        written.append(folder / f"{name}-history.png")
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2 or len({tuple(sorted(t.params.items())) for t in complete}) < 2:
+            log.info("parameter importances: not drawn (they need two completed trials that differ)")
+            return written
+        try:
+            axis = optuna_plots.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (ValueError, RuntimeError) as error:
+            log.info("parameter importances: not drawn (%s)", shown(str(error), 160))
+            return written
+        plots.save_figure(axis.figure, folder / f"{name}-importance.png")
+        written.append(folder / f"{name}-importance.png")
+    return written
 
 
 def suggest(trial, space: dict) -> dict:
@@ -116,7 +188,7 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
 
     chosen = suggest(trial, space["params"])
     name = f"{study_name}-{trial.number}"
-    overrides = [*fixed, *(f"{key}={json.dumps(value)}" for key, value in chosen.items())]
+    overrides = [*fixed, *(override(key, value) for key, value in chosen.items())]
     command = ["dvc", "exp", "run", "-n", name, *[part for item in overrides for part in ("-S", item)], "train"]
     trial.set_user_attr("experiment", name)
     log.info("trial %d (%s): %s", trial.number, name, ", ".join(f"{k}={v}" for k, v in chosen.items()))
@@ -167,7 +239,7 @@ def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name:
     """Run the study until ``trials`` trials have completed or been pruned; returns the best."""
     import optuna
 
-    space = read_space(space_path)
+    space = without_fixed(read_space(space_path), fixed)
     params.check_all(params.read_yaml(root / "params.yaml"))  # a broken params.yaml fails now, not in every trial
     if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
         (root / storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -193,9 +265,10 @@ def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name:
     if not complete:
         raise PipelineError(f"study {study_name}: no trial completed; see the failures above")
     best = study.best_trial
+    written = write_plots(study, root / PLOTS)
     return {"study": study_name, "trials": len(study.trials), "best": best.number, "experiment":
             best.user_attrs.get("experiment"), "objective": space["objective"], "value": best.value,
-            "params": best.params}
+            "params": best.params, "command": best_command(fixed, best.params), "plots": written}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         best = tune(Path("."), trials=args.trials, space_path=args.space, storage=args.storage,
                     study_name=args.study, fixed=args.fixed, seed=args.seed)
-        log.info("best: trial %d (%s), %s %.4f with %s; `dvc exp apply %s` brings it into the workspace",
-                 best["best"], best["experiment"], best["objective"], best["value"], best["params"],
+        log.info("best: trial %d (%s), %s %.4f; `dvc exp apply %s` brings it into the workspace, or "
+                 "train it again with:", best["best"], best["experiment"], best["objective"], best["value"],
                  best["experiment"])
+        print(best["command"])
+        log.info("plots: %s", ", ".join(str(path) for path in best["plots"]))
         return 0
 
     return cli.guarded("tune: ", work)

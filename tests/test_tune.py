@@ -12,6 +12,7 @@ import sys
 import time
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 
@@ -42,6 +43,10 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     assert "best: trial" in first.stderr
     trials = study(project).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    best = max(trials, key=lambda t: t.value)
+    assert first.stdout.strip() == tune.best_command([], best.params)
+    for name in ("tune-trials.csv", "tune-history.png", "tune-importance.png"):
+        assert (project / "plots/tune" / name).stat().st_size > 0, name
 
     # every trial is an experiment with its params and its validation figure
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
@@ -118,3 +123,49 @@ def test_the_shipped_space_is_valid_and_searches_what_the_issue_names():
     assert space["direction"] == "maximize"
     assert {"train.lr", "train.weight_decay", "train.epochs", "train.ema", "train.sampler", "train.mixup",
             "train.cutmix", "prepare.image_size"} <= set(space["params"])
+
+
+def toy_study(values: list[float | None]):
+    """An in-memory study whose trials report ``values`` (None: pruned after one epoch)."""
+    created = optuna.create_study(study_name="toy", direction="maximize",
+                                  sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        lr = trial.suggest_float("train.lr", 1e-4, 1e-2, log=True)
+        trial.suggest_categorical("train.sampler", ["shuffle", "balanced"])
+        value = values[trial.number]
+        if value is None:
+            trial.report(0.5, 1)
+            raise optuna.TrialPruned()
+        return value + 0 * lr
+
+    created.optimize(objective, n_trials=len(values))
+    return created
+
+
+def test_the_plots_and_the_trials_table_are_written_for_a_study(tmp_path):
+    written = tune.write_plots(toy_study([0.90, None, 0.93, 0.91]), tmp_path / "plots")
+    assert [path.name for path in written] == ["toy-trials.csv", "toy-history.png", "toy-importance.png"]
+    table = pd.read_csv(tmp_path / "plots/toy-trials.csv")
+    assert list(table["state"]) == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE"]
+    assert table["value"].iloc[2] == pytest.approx(0.93)
+    assert {"params_train.lr", "params_train.sampler"} <= set(table.columns)
+    for path in written[1:]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one completed trial: the history, no importances (they need two that differ)
+    assert [p.name for p in tune.write_plots(toy_study([0.9]), tmp_path / "one")] == ["toy-trials.csv",
+                                                                                      "toy-history.png"]
+
+
+def test_fixed_params_leave_the_space_and_the_best_is_a_command_line():
+    space = {"objective": "val_macro_auc", "direction": "maximize",
+             "params": {"train.lr": {"low": 1e-3, "high": 1e-2}, "prepare.image_size": {"choices": [64, 128]}}}
+    assert set(tune.without_fixed(space, ["prepare.image_size=64"])["params"]) == {"train.lr"}
+    with pytest.raises(PipelineError, match="every param of the search space is fixed"):
+        tune.without_fixed(space, ["prepare.image_size=64", "train.lr=0.001"])
+    with pytest.raises(PipelineError, match="-S train.lr: give a fixed param as key=value"):
+        tune.without_fixed(space, ["train.lr"])
+    line = tune.best_command(["prepare.image_size=64"], {"train.lr": 0.003, "train.sampler": "balanced",
+                                                         "ensemble.seeds": [1, 2], "x.y": "yes"})
+    assert line == ("dvc exp run -S prepare.image_size=64 -S train.lr=0.003 -S train.sampler=balanced "
+                    "-S 'ensemble.seeds=[1, 2]' -S 'x.y=\"yes\"'")
