@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from skinlesion import PipelineError, params
+from skinlesion.untrusted import first_line
 
 log = logging.getLogger("skinlesion")
 
@@ -102,7 +103,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
             return f"{name} is not valid YAML ({params.yaml_problem(broken)}); fix it"
         except OSError:
             continue
-    return f"a YAML file does not parse ({str(error).splitlines()[0]}); fix it"
+    return f"a YAML file does not parse ({first_line(error)}); fix it"
 
 
 def run_stage(stage: str, main: Callable[[params.Declared], None]) -> None:

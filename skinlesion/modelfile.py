@@ -15,6 +15,7 @@ from skinlesion import PipelineError, modelinfo
 from skinlesion.data import patient
 from skinlesion.files import write_bytes
 from skinlesion.training import models
+from skinlesion.untrusted import first_line
 
 FORMAT = "skinlesion-model/1"
 
@@ -122,13 +123,6 @@ HINT = "give a model file written by the train or calibrate stage (models/model.
 REQUIRED = ("architecture", "settings", "head", "classes", "image_size", "mean", "std", "state_dict")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):  # torch's header says nothing
-        return lines[1]
-    return lines[0] if lines else type(error).__name__
-
-
 def _read(path: Path) -> tuple[dict, modelinfo.ModelInfo]:
     """The file's payload and its checked description."""
     try:
@@ -153,7 +147,7 @@ def _read(path: Path) -> tuple[dict, modelinfo.ModelInfo]:
         raise PipelineError(f"{path}: not a loadable model file (it holds objects other than weights, which "
                             f"are never loaded: they could run code); {HINT}") from None
     except Exception as error:  # noqa: BLE001 - corrupt files of every kind
-        raise PipelineError(f"{path}: not a loadable model file ({_first_line(error)}); {HINT}") from None
+        raise PipelineError(f"{path}: not a loadable model file ({first_line(error)}); {HINT}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PipelineError(f"{path}: not a {FORMAT} file; {HINT}")
     missing = [key for key in REQUIRED if key not in payload]
@@ -207,7 +201,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn
         model.load_state_dict(payload["state_dict"], assign=True)
     except (RuntimeError, TypeError, AttributeError, ValueError) as error:
         raise PipelineError(f"{path}: its weights do not fit its {info.architecture} architecture "
-                            f"({_first_line(error)}); the file is damaged or was edited; {HINT}") from None
+                            f"({first_line(error)}); the file is damaged or was edited; {HINT}") from None
     if any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()]):
         raise PipelineError(f"{path}: its weights leave part of its {info.architecture} architecture unset; "
                             f"the file is damaged or was edited; {HINT}")

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from skinlesion import PipelineError
-from skinlesion.untrusted import shown
+from skinlesion.untrusted import first_line, shown
 
 TTA = ("none", "flips", "dihedral")
 
@@ -345,7 +345,7 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     """What a YAML error says, and where: one short line."""
     mark = getattr(error, "problem_mark", None)
     at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{shown(getattr(error, 'problem', None) or str(error).splitlines()[0], 200)}{at}"
+    return f"{shown(getattr(error, 'problem', None) or first_line(error), 200)}{at}"
 
 
 def parse_yaml(text: str):

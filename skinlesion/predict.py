@@ -35,7 +35,7 @@ from skinlesion.evaluation.scope import NOTICE
 from skinlesion.files import write_csv
 from skinlesion.modelinfo import ModelInfo
 from skinlesion.progress import bar
-from skinlesion.untrusted import refuse_overwrite
+from skinlesion.untrusted import first_line, refuse_overwrite
 
 log = logging.getLogger("skinlesion.predict")
 SCORE_MOVED = ("note: `predict --score` is now its own command, `python -m skinlesion.score MODEL SOURCE -o "
@@ -154,7 +154,7 @@ def read_patient(path: Path | None, info: ModelInfo, model_path: Path) -> pd.Dat
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"--metadata {path}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") from None
+        raise PipelineError(f"--metadata {path}: not a readable CSV ({first_line(error)}); {fix}") from None
     problem = column_problem(table.columns) or duplicate_problem(table)
     if problem:
         raise PipelineError(f"--metadata {path}: {problem}")

@@ -23,7 +23,7 @@ from skinlesion import CLASSES, PipelineError, cli, params
 from skinlesion.data import archives
 from skinlesion.evaluation import evaluate, external
 from skinlesion.predict import check_output, count, fraction, load_predictor
-from skinlesion.untrusted import refuse_overwrite
+from skinlesion.untrusted import first_line, refuse_overwrite
 
 log = logging.getLogger("skinlesion.score")
 
@@ -41,7 +41,7 @@ def read_labels(labels: Path) -> set[str]:
         raise PipelineError(f"--labels {labels}: cannot be read (permission denied); give this user read "
                             f"access to it") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"--labels {labels}: not a readable CSV ({str(error).splitlines()[0]}); {fix}") \
+        raise PipelineError(f"--labels {labels}: not a readable CSV ({first_line(error)}); {fix}") \
             from None
     if "image_id" not in wanted:
         raise PipelineError(f"--labels {labels}: no image_id column; {fix}")

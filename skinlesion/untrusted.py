@@ -43,6 +43,16 @@ def shown(text, limit: int = SHOWN_CHARS) -> str:
     return escaped(text[:limit]) + ("..." if len(text) > limit else "")
 
 
+def first_line(error: BaseException) -> str:
+    """What an error says, in one line for a one-line refusal: its first non-empty line
+    (after torch's "Error(s) in loading ..." header, which says nothing), escaped; its
+    type's name when its message is empty."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    return escaped(lines[0]) if lines else type(error).__name__
+
+
 def _problem(part: str) -> str | None:
     if not part:
         return "it is empty"

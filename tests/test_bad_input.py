@@ -247,3 +247,16 @@ def test_ctrl_c_stops_the_prediction_command_with_130_and_no_output(kit, tmp_pat
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "error: interrupted; no partial output was kept"
     assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("error, line", [
+    (ValueError("bad header\nline 2 of the parser's story"), "bad header"),
+    (ValueError("\n\n  padded  \nmore"), "padded"),
+    (ValueError(""), "ValueError"),  # an empty message: the type, not an IndexError's traceback
+    (RuntimeError("Error(s) in loading state_dict for Classifier:\n\tsize mismatch for head.weight"),
+     "size mismatch for head.weight"),  # torch's header says nothing
+    (OSError("name with \x1b[31m escape"), "name with \\x1b[31m escape"),  # a terminal escape is shown, not run
+])
+def test_every_one_line_refusal_quotes_an_error_by_the_same_rule(error, line):
+    from skinlesion.untrusted import first_line
+    assert first_line(error) == line

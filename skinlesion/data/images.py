@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinlesion.progress import threads
-from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS, TooLarge, escaped, read_capped
+from skinlesion.untrusted import MAX_FILE_BYTES, MAX_PIXELS, TooLarge, escaped, first_line, read_capped
 
 # Pillow warns from 89 megapixels on; this module's own cap (MAX_PIXELS, lower) refuses such
 # an image in one line instead, so the warning would only add a second, misleading one.
@@ -52,11 +52,6 @@ FIX = "save it as an 8-bit RGB JPEG or PNG"
 
 class Unusable(Exception):
     """Why a file cannot be used as an image: a phrase to follow the file's name."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read(source) -> bytes:
@@ -86,10 +81,10 @@ def read(source) -> bytes:
     except IsADirectoryError:
         raise Unusable("is a folder, not an image file") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise Unusable(f"cannot be read from its zip ({_first_line(error)}); the archive is damaged: "
+        raise Unusable(f"cannot be read from its zip ({first_line(error)}); the archive is damaged: "
                        f"copy it again") from None
     except OSError as error:
-        raise Unusable(f"cannot be read ({error.strerror or _first_line(error)}); check the disk or share "
+        raise Unusable(f"cannot be read ({error.strerror or first_line(error)}); check the disk or share "
                        f"it is on") from None
 
 
@@ -131,11 +126,11 @@ def decode(data: bytes, size: int | None = None) -> Image.Image:
     except Unusable:
         raise
     except Image.DecompressionBombError as error:
-        raise Unusable(f"is implausibly large ({_first_line(error)}); refusing to decode it") from None
+        raise Unusable(f"is implausibly large ({first_line(error)}); refusing to decode it") from None
     except UnidentifiedImageError:
         raise Unusable("is not an image (no format Pillow recognises)") from None
     except Exception as error:  # noqa: BLE001 - Pillow's plugins raise many kinds of error on damaged files
-        raise Unusable(f"is not a readable image ({_first_line(error)}); the file is damaged or incomplete: "
+        raise Unusable(f"is not a readable image ({first_line(error)}); the file is damaged or incomplete: "
                        f"copy it again") from None
     rgb = _rgb(oriented)
     return rgb if size is None else rgb.resize((size, size), Image.Resampling.BICUBIC)
@@ -171,11 +166,11 @@ def mask_problem(source) -> str | None:
     except Unusable as error:
         return str(error)
     except Image.DecompressionBombError as error:
-        return f"is implausibly large ({_first_line(error)}); refusing to decode it"
+        return f"is implausibly large ({first_line(error)}); refusing to decode it"
     except UnidentifiedImageError:
         return "is not an image (no format Pillow recognises)"
     except Exception as error:  # noqa: BLE001 - as in decode
-        return f"is not a readable image ({_first_line(error)}); the file is damaged or incomplete: copy it again"
+        return f"is not a readable image ({first_line(error)}); the file is damaged or incomplete: copy it again"
     return None
 
 

@@ -16,6 +16,7 @@ from skinlesion.data.archives import CHECKSUM_FILE, IMAGE_NAME, SHOWN, check_mem
 from skinlesion.data.checksums import read_checksums, write_checksums
 from skinlesion.data.http import fetch
 from skinlesion.files import file_digest
+from skinlesion.untrusted import first_line
 
 MAX_TABLE_BYTES = 64 * 2**20
 
@@ -86,7 +87,7 @@ def _validate(name: str, path: Path) -> None:
             with zipfile.ZipFile(path) as archive:
                 members = archive.namelist()
         except (zipfile.BadZipFile, OSError) as error:
-            raise PipelineError(f"{name}: not a zip ({str(error).splitlines()[0]}); the server sent something "
+            raise PipelineError(f"{name}: not a zip ({first_line(error)}); the server sent something "
                                 f"else (an error page?)") from None
         for member in members:
             check_member_name(name, member)
@@ -96,7 +97,7 @@ def _validate(name: str, path: Path) -> None:
         try:
             columns = pd.read_csv(path, dtype=str, nrows=5).columns
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-            raise PipelineError(f"{name}: not a readable CSV ({str(error).splitlines()[0]}); the server sent "
+            raise PipelineError(f"{name}: not a readable CSV ({first_line(error)}); the server sent "
                                 f"something else (an error page?)") from None
         if not {"image", "lesion_id"} <= set(columns):
             raise PipelineError(f"{name}: expected columns image, lesion_id; not the ISIC 2018 lesion groupings")
@@ -118,7 +119,7 @@ def isic2018_metadata(ground_truth_zip: Path, groupings_csv: Path | None) -> pd.
             with archive.open(tables[0]) as handle:
                 truth = pd.read_csv(handle)
     except (zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{ground_truth_zip}: not a readable ground-truth zip ({str(error).splitlines()[0]}); "
+        raise PipelineError(f"{ground_truth_zip}: not a readable ground-truth zip ({first_line(error)}); "
                             f"delete it and run again to download it afresh") from None
     columns = [name.upper() for name in CLASSES]
     missing = [c for c in ["image", *columns] if c not in truth.columns]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion import CLASSES, METADATA_COLUMNS, PipelineError
+from skinlesion.untrusted import first_line
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 """image_id and lesion_id become file names, so they may not hold path separators."""
@@ -85,7 +86,7 @@ def read(path: str | Path, name: str | None = None) -> pd.DataFrame:
         # index_col=False: a row with more fields than the header must not turn the first column into an index
         frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{name}: not a readable CSV ({str(error).splitlines()[0]})") from None
+        raise PipelineError(f"{name}: not a readable CSV ({first_line(error)})") from None
     return validate(frame, name)
 
 

@@ -32,6 +32,7 @@ from skinlesion.deployment.runtime import FORMAT, INPUT, OUTPUT, PATIENT, SCOPE
 from skinlesion.evaluation.inference import normalise
 from skinlesion.files import atomic_path
 from skinlesion.modelinfo import ModelInfo, described
+from skinlesion.untrusted import first_line
 
 OPSET = 18  # the opset torch's exporter (torch.onnx, dynamo=True) translates to natively
 TOLERANCE = 1e-3  # largest |logit difference| from PyTorch accepted when the export checks itself
@@ -134,7 +135,7 @@ def to_onnx(model: nn.Module, info: ModelInfo | dict, example_batch: int = 2) ->
                                          opset_version=OPSET, dynamo=True, external_data=False, optimize=False,
                                          verbose=False)
     except Exception as error:  # noqa: BLE001 - whatever the exporter refuses is reported on one line
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise PipelineError(f"{name} cannot be exported to ONNX ({type(error).__name__}: {reason})") from None
     proto = exported.model_proto
     proto.doc_string = f"skinlesion {name}: uint8 NHWC images in, logits out; see metadata_props"

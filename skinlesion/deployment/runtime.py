@@ -18,7 +18,7 @@ import onnxruntime
 from skinlesion import PipelineError, modelinfo
 from skinlesion.evaluation.predictor import Predictor, check_views, view_count
 from skinlesion.progress import bar
-from skinlesion.untrusted import shown
+from skinlesion.untrusted import first_line, shown
 
 FORMAT = "skinlesion-onnx/1"  # what skinlesion.deployment.export writes
 INPUT, OUTPUT = "images", "logits"
@@ -38,7 +38,7 @@ def load(source, threads: int = 0) -> tuple[onnxruntime.InferenceSession, modeli
     try:
         session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ONNX Runtime's own error types for corrupt and foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise PipelineError(f"{source if isinstance(model, str) else 'the model'}: not a loadable ONNX file "
                             f"({reason})") from None
     props = session.get_modelmeta().custom_metadata_map

@@ -19,13 +19,14 @@ import pandas as pd
 
 from skinlesion import CLASSES, PipelineError, cli
 from skinlesion.evaluation.metrics import difference_intervals
+from skinlesion.untrusted import first_line
 
 
 def read_csv(path: Path, needed: list[str], what: str) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str, "actual": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{path}: not a readable CSV ({str(error).splitlines()[0]}); give {what}") from None
+        raise PipelineError(f"{path}: not a readable CSV ({first_line(error)}); give {what}") from None
     missing = [column for column in needed if column not in frame]
     if missing:
         raise PipelineError(f"{path}: no column(s) {', '.join(missing)}; give {what}")

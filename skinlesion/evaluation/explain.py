@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from skinlesion import PipelineError
 from skinlesion.modelinfo import ModelInfo
 from skinlesion.training import devices
+from skinlesion.untrusted import first_line
 
 
 def _as_map(tensor: torch.Tensor) -> torch.Tensor:
@@ -168,7 +169,7 @@ def predicted_classes(path: Path, image_ids, classes) -> np.ndarray:
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such file; explain reads the evaluate stage's predictions; {hint}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise PipelineError(f"{path}: not a table of predictions ({reason}); {hint}") from None
     missing = {"image_id", "predicted"} - set(table.columns)
     if missing:

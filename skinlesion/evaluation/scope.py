@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from skinlesion import PipelineError
 from skinlesion.files import atomic_path
+from skinlesion.untrusted import first_line
 
 METHODS = ("msp", "energy", "mahalanobis")
 NOTICE = "this does not look like the dermatoscopic images the model was trained on"
@@ -76,7 +77,7 @@ def load_candidates(path, image_ids, model_digest: str, hint: str) -> dict[str, 
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such file; {hint}") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise PipelineError(f"{path}: not a file of scores ({reason}); {hint}") from None
     if str(stored.get("model", "")) != model_digest:
         raise PipelineError(f"{path} scored another model file than this one (a stale evaluation); {hint}")

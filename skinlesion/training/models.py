@@ -18,6 +18,7 @@ from torch import nn
 
 from skinlesion import PipelineError
 from skinlesion.params import REGISTRY
+from skinlesion.untrusted import first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -195,7 +196,7 @@ def _load(model: nn.Module, state: dict | None, name: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
+        first = first_line(error)
         raise PipelineError(f"the weights do not fit {name}: {first}") from None
 
 

@@ -34,7 +34,7 @@ from skinlesion.training.devices import amp_dtype, pick_device, seed_everything
 from skinlesion.training.loader import ArrayLoader
 from skinlesion.training.ranks import Ranks
 from skinlesion.training.schedule import Schedule, make_optimizer
-from skinlesion.untrusted import shown
+from skinlesion.untrusted import first_line, shown
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def _read_checkpoint(path: Path) -> dict | None:
 def _set_aside(path: Path, error: BaseException) -> None:
     kept = path.with_name(path.name + ".damaged")
     path.replace(kept)
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     log.warning("warning: the checkpoint %s is damaged (%s); set aside as %s, training starts over",
                 path, shown(reason, 120), kept)
 
