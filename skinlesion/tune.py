@@ -46,6 +46,7 @@ SPACE = Path("tune.yaml")
 STORAGE = "sqlite:///.optuna/studies.db"
 POLL_SECONDS = 2.0
 PLOTS = Path("plots/tune")
+STARTUP_TRIALS = 10  # Optuna's default: random trials before TPE models the space
 
 
 class TrialFailed(Exception):
@@ -153,6 +154,13 @@ def suggest(trial, space: dict) -> dict:
     return chosen
 
 
+def sampler(seed: int, startup_trials: int):
+    """TPE, after ``startup_trials`` random trials (counted over the whole study)."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
 def member_seeds(root: Path, chosen: dict) -> list[int]:
     return list(chosen.get("ensemble.seeds") or params.read_group("ensemble", root).seeds)
 
@@ -235,7 +243,7 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
 
 
 def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name: str, fixed: list[str],
-         seed: int = 0) -> dict:
+         seed: int = 0, startup_trials: int = STARTUP_TRIALS) -> dict:
     """Run the study until ``trials`` trials have completed or been pruned; returns the best."""
     import optuna
 
@@ -245,11 +253,11 @@ def tune(root: Path, *, trials: int, space_path: Path, storage: str, study_name:
         (root / storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # its tracebacks of failed trials: ours are one line
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                direction=space["direction"], sampler=optuna.samplers.TPESampler(seed=seed),
+                                direction=space["direction"], sampler=sampler(seed, startup_trials),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
     # A continued study must not draw the points it drew before (the sampler's first draws
     # are random from its seed): the seed moves on with the trials already in the study.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    study.sampler = sampler(seed + len(study.trials), startup_trials)
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     if done:
         log.info("study %s: %d trial(s) already done, carrying on", study_name, len(done))
@@ -278,16 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=STORAGE, help=f"an Optuna database URL (default {STORAGE})")
     parser.add_argument("--study", default="tune", help="the study's name, and its experiments' prefix")
     parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    parser.add_argument("--startup-trials", type=int, default=STARTUP_TRIALS,
+                        help=f"random trials before TPE models the space (default {STARTUP_TRIALS}, Optuna's; "
+                             f"lower it for a short study)")
     parser.add_argument("-S", "--set-param", dest="fixed", action="append", default=[],
                         help="a param fixed for every trial, as `dvc exp run -S` takes it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.trials < 1:
         parser.error("--trials must be at least 1")
+    if args.startup_trials < 1:
+        parser.error("--startup-trials must be at least 1")
 
     def work() -> int:
         best = tune(Path("."), trials=args.trials, space_path=args.space, storage=args.storage,
-                    study_name=args.study, fixed=args.fixed, seed=args.seed)
+                    study_name=args.study, fixed=args.fixed, seed=args.seed,
+                    startup_trials=args.startup_trials)
         log.info("best: trial %d (%s), %s %.4f; `dvc exp apply %s` brings it into the workspace, or "
                  "train it again with:", best["best"], best["experiment"], best["objective"], best["value"],
                  best["experiment"])

@@ -169,3 +169,15 @@ def test_fixed_params_leave_the_space_and_the_best_is_a_command_line():
                                                          "ensemble.seeds": [1, 2], "x.y": "yes"})
     assert line == ("dvc exp run -S prepare.image_size=64 -S train.lr=0.003 -S train.sampler=balanced "
                     "-S 'ensemble.seeds=[1, 2]' -S 'x.y=\"yes\"'")
+
+
+def test_tpe_models_the_space_after_the_startup_trials():
+    def draws(sampler, n):
+        created = optuna.create_study(direction="maximize", sampler=sampler)
+        created.optimize(lambda trial: -(trial.suggest_float("x", -1, 1) - 0.3) ** 2, n_trials=n)
+        return [trial.params["x"] for trial in created.trials]
+
+    random_draws = draws(optuna.samplers.RandomSampler(seed=5), 4)
+    tpe_draws = draws(tune.sampler(5, startup_trials=3), 4)
+    assert tpe_draws[:3] == pytest.approx(random_draws[:3])  # the startup trials: random draws of the seed
+    assert tpe_draws[3] != pytest.approx(random_draws[3])  # then TPE proposes
