@@ -175,6 +175,14 @@ def epoch_figures(root: Path, seed: int, objective: str) -> pd.Series:
     return table.set_index("step")[table.columns[-1]]
 
 
+def training_started(log_text: str, seed: int) -> bool:
+    """Whether ``dvc exp run`` has started member ``seed``'s train stage. Until then the
+    workspace's curve is not this trial's: ``dvc exp run`` first checks out the
+    baseline's outputs, curve included, and DVC removes a stage's outputs only just
+    before it says "Running stage"."""
+    return f"Running stage 'train@{seed}':" in log_text
+
+
 def kept_figure(root: Path, seeds: list[int], objective: str) -> float:
     """The objective: the validation figure of the epoch each member kept, averaged."""
     values = []
@@ -209,14 +217,21 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
         process = subprocess.Popen(command, cwd=root, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=default_sigint)
         reported = set()
+
+        def new_epochs():
+            for step, value in epoch_figures(root, seeds[0], space["objective"]).items():
+                if step not in reported:
+                    reported.add(step)
+                    trial.report(float(value), int(step))
+                    yield step, value
+
+        training = False
         try:
             while process.poll() is None:
                 time.sleep(POLL_SECONDS)
-                for step, value in epoch_figures(root, seeds[0], space["objective"]).items():
-                    if step in reported:
-                        continue
-                    reported.add(step)
-                    trial.report(float(value), int(step))
+                training = training or training_started(
+                    (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace"), seeds[0])
+                for step, value in new_epochs() if training else ():
                     if trial.should_prune():
                         os.killpg(process.pid, signal.SIGINT)
                         process.wait()
@@ -228,6 +243,9 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
                 os.killpg(process.pid, signal.SIGINT)
                 process.wait()
             raise
+        if process.returncode == 0:  # the workspace holds this trial's curve now (run or restored from the run cache)
+            for _ in new_epochs():  # the epochs that ended after the last look: the whole curve in the study
+                pass
     text = (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
     ran = [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
     trial.set_user_attr("stages", ran)

@@ -43,6 +43,9 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     assert "best: trial" in first.stderr
     trials = study(project).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # each trial's curve is its own (the workspace held the baseline's curve when the first began)
+    for trial in trials:
+        assert sorted(trial.intermediate_values) == list(range(1, trial.params["train.epochs"] + 1))
     best = max(trials, key=lambda t: t.value)
     assert first.stdout.strip() == tune.best_command([], best.params)
     for name in ("tune-trials.csv", "tune-history.png", "tune-importance.png"):
@@ -63,6 +66,7 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
         assert data["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(trial.params["train.lr"])
         summary = data["metrics"]["metrics/train/42/metrics.json"]["data"]
         assert summary["val_macro_auc"] == pytest.approx(trial.value)
+        assert trial.intermediate_values[summary["best_epoch"]] == pytest.approx(trial.value)  # its own curve
 
     # no trial ran a stage that reads the test split
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
@@ -181,3 +185,11 @@ def test_tpe_models_the_space_after_the_startup_trials():
     tpe_draws = draws(tune.sampler(5, startup_trials=3), 4)
     assert tpe_draws[:3] == pytest.approx(random_draws[:3])  # the startup trials: random draws of the seed
     assert tpe_draws[3] != pytest.approx(random_draws[3])  # then TPE proposes
+
+
+
+def test_a_trial_reads_no_curve_before_its_own_train_stage_runs():
+    log = "Running stage 'download':\nStage 'split' didn't change, skipping\n"
+    assert not tune.training_started(log, 42)
+    assert not tune.training_started(log + "Running stage 'train@420':\n", 42)
+    assert tune.training_started(log + "Running stage 'train@42':\n> python -m stages.train 42\n", 42)
