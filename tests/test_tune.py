@@ -193,3 +193,11 @@ def test_a_trial_reads_no_curve_before_its_own_train_stage_runs():
     assert not tune.training_started(log, 42)
     assert not tune.training_started(log + "Running stage 'train@420':\n", 42)
     assert tune.training_started(log + "Running stage 'train@42':\n> python -m stages.train 42\n", 42)
+
+
+@pytest.mark.parametrize("option, message", [("--prune-warmup=-1", "--prune-warmup must be 0 or more"),
+                                             ("--startup-trials=0", "--startup-trials must be at least 1")])
+def test_a_bad_study_option_is_one_line(option, message):
+    done = subprocess.run([sys.executable, "-m", "skinlesion.tune", option], cwd=PROJECT, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
