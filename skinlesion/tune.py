@@ -130,6 +130,8 @@ def write_plots(study, folder: Path) -> list[Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axis = optuna_plots.plot_optimization_history(study)
+        axis.figure.set_size_inches(9, 4.5)
+        axis.figure.tight_layout()  # the legend, outside the axes, in the picture
         plots.save_figure(axis.figure, folder / f"{name}-history.png")
         written.append(folder / f"{name}-history.png")
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -142,6 +144,8 @@ def write_plots(study, folder: Path) -> list[Path]:
         except (ValueError, RuntimeError) as error:
             log.info("parameter importances: not drawn (%s)", shown(str(error), 160))
             return written
+        axis.figure.set_size_inches(8, 4.5)
+        axis.figure.tight_layout()  # the params' names in full
         plots.save_figure(axis.figure, folder / f"{name}-importance.png")
         written.append(folder / f"{name}-importance.png")
     return written
