@@ -106,10 +106,14 @@ def override(key: str, value) -> str:
     return f"{key}={text}"
 
 
+def overrides(fixed: list[str], chosen: dict) -> list[str]:
+    """A trial's ``-S`` values: the fixed params first, then the chosen ones."""
+    return [*fixed, *(override(key, value) for key, value in chosen.items())]
+
+
 def best_command(fixed: list[str], chosen: dict) -> str:
-    """The best trial as the `dvc exp run` line that trains it again, fixed params first."""
-    overrides = [*fixed, *(override(key, value) for key, value in chosen.items())]
-    return " ".join(["dvc exp run", *(f"-S {shlex.quote(item)}" for item in overrides)])
+    """The best trial as the `dvc exp run` line that trains it again."""
+    return " ".join(["dvc exp run", *(f"-S {shlex.quote(item)}" for item in overrides(fixed, chosen))])
 
 
 def write_plots(study, folder: Path) -> list[Path]:
@@ -213,8 +217,8 @@ def run_trial(trial, root: Path, space: dict, fixed: list[str], study_name: str)
 
     chosen = suggest(trial, space["params"])
     name = f"{study_name}-{trial.number}"
-    overrides = [*fixed, *(override(key, value) for key, value in chosen.items())]
-    command = ["dvc", "exp", "run", "-n", name, *[part for item in overrides for part in ("-S", item)], "train"]
+    command = ["dvc", "exp", "run", "-n", name, *[part for item in overrides(fixed, chosen) for part in ("-S", item)],
+               "train"]
     trial.set_user_attr("experiment", name)
     log.info("trial %d (%s): %s", trial.number, name, ", ".join(f"{k}={v}" for k, v in chosen.items()))
     seeds = member_seeds(root, chosen)
