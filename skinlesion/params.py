@@ -231,6 +231,17 @@ class Train(Group):
                              f"`ensemble: {{seeds: [{values['seed']}]}}` (or `-S 'ensemble.seeds=[{values['seed']}]'`)")
         return values
 
+    @model_validator(mode="after")
+    def _one_imbalance_remedy(self):
+        # Loss weights of 1/count on batches a rebalancing sampler already drew would correct the
+        # imbalance twice, weighting each class by about 1/count (balanced) or 1/sqrt(count) (sqrt):
+        # a run with both called nearly every validation image a rare class (docs/architectures.md).
+        if self.class_weights and self.sampler != "shuffle":
+            raise ValueError(f"train.class_weights: true with train.sampler: {self.sampler} corrects the class "
+                             "imbalance twice; set train.sampler=shuffle (weights alone) or "
+                             "train.class_weights=false (the sampler alone)")
+        return self
+
 
 class Ensemble(Group):
     """One train stage per seed (``train@SEED``); calibrate combines the members."""

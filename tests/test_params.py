@@ -87,6 +87,8 @@ def test_every_stage_script_reads_only_its_own_groups():
     ("ensemble.seeds", [3, 3], r"ensemble.seeds lists a seed twice \(\[3, 3\]\); each member needs its own"),
     ("ensemble.seeds", [], r"ensemble.seeds"),
     ("train.seed", 1, r"train.seed is now ensemble.seeds, one trained member per seed"),
+    ("train.class_weights", True, r"train.class_weights: true with train.sampler: balanced corrects the class "
+                                  r"imbalance twice; set train.sampler=shuffle"),
     ("evaluate.seed", -5, r"evaluate.seed is -5; expected a whole number >= 0"),
     ("explain.seed", -5, r"explain.seed is -5; expected a whole number >= 0"),
     ("download.max_unpacked_gb", 0, r"download.max_unpacked_gb is 0; expected a number > 0"),
