@@ -1,6 +1,7 @@
 """The Optuna search: each trial a real DVC experiment on synthetic data, listed by
 `dvc exp show` and applied by `dvc exp apply`; the test split never reached; Ctrl-C
-leaves the study resumable; a bad search space is one line."""
+leaves the study resumable; the pruner stops a trial worse than the median; a bad search
+space is one line."""
 
 from __future__ import annotations
 
@@ -106,6 +107,24 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     # a continued study draws new points, not those of its first run again
     drawn = [tuple(sorted(t.params.items())) for t in study(project).trials]
     assert len(set(drawn)) == len(drawn), drawn
+
+    # Pruning: next to three finished trials whose validation loss was 0 after every epoch, a
+    # real trial (a cross-entropy is never 0) is worse than the median at its first epoch, so
+    # the pruner stops its `dvc exp run` there and the trial counts as pruned, not failed.
+    finished = optuna.create_study(study_name="prune", direction="minimize",
+                                   storage=f"sqlite:///{project}/.optuna/studies.db")
+    lr = optuna.distributions.FloatDistribution(1.0e-3, 1.0e-2, log=True)
+    for value in (0.003, 0.004, 0.005):
+        finished.add_trial(optuna.trial.create_trial(params={"train.lr": value}, distributions={"train.lr": lr},
+                                                     value=0.0, intermediate_values=dict.fromkeys(range(1, 7), 0.0)))
+    (project / "loss.yaml").write_text(yaml.safe_dump({**SPACE, "objective": "val_loss"}))
+    pruning = run([sys.executable, "-m", "skinlesion.tune", "--study", "prune", "--trials", "4", "--space",
+                   "loss.yaml", "--prune-warmup", "0", "-S", "train.epochs=6"], project)
+    trial = optuna.load_study(study_name="prune", storage=f"sqlite:///{project}/.optuna/studies.db").trials[3]
+    assert trial.state == optuna.trial.TrialState.PRUNED, pruning.stderr
+    assert trial.intermediate_values and min(trial.intermediate_values.values()) > 0, trial.intermediate_values
+    assert "trial 3 pruned after epoch" in pruning.stderr
+    assert (project / "params.yaml").read_text() == run(["git", "show", "HEAD:params.yaml"], project).stdout
 
 
 @pytest.mark.parametrize("space, message", [
