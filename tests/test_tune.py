@@ -25,12 +25,16 @@ SPACE = {"objective": "val_macro_auc",
                                                                                               "int": True}}}
 
 
-def study(project):
-    return optuna.load_study(study_name="tune", storage=f"sqlite:///{project}/.optuna/studies.db")
+def storage(project) -> str:
+    return f"sqlite:///{project}/.optuna/studies.db"
 
 
-def tune_command(trials: int) -> list[str]:
-    return [sys.executable, "-m", "skinlesion.tune", "--trials", str(trials), "--space", "space.yaml"]
+def study(project, name: str = "tune"):
+    return optuna.load_study(study_name=name, storage=storage(project))
+
+
+def tune_command(trials: int, *options: str, space: str = "space.yaml") -> list[str]:
+    return [sys.executable, "-m", "skinlesion.tune", "--trials", str(trials), "--space", space, *options]
 
 
 @pytest.mark.slow
@@ -111,16 +115,15 @@ def test_trials_are_experiments_the_test_split_is_never_reached_and_ctrl_c_resum
     # Pruning: next to three finished trials whose validation loss was 0 after every epoch, a
     # real trial (a cross-entropy is never 0) is worse than the median at its first epoch, so
     # the pruner stops its `dvc exp run` there and the trial counts as pruned, not failed.
-    finished = optuna.create_study(study_name="prune", direction="minimize",
-                                   storage=f"sqlite:///{project}/.optuna/studies.db")
+    finished = optuna.create_study(study_name="prune", direction="minimize", storage=storage(project))
     lr = optuna.distributions.FloatDistribution(1.0e-3, 1.0e-2, log=True)
     for value in (0.003, 0.004, 0.005):
         finished.add_trial(optuna.trial.create_trial(params={"train.lr": value}, distributions={"train.lr": lr},
                                                      value=0.0, intermediate_values=dict.fromkeys(range(1, 7), 0.0)))
     (project / "loss.yaml").write_text(yaml.safe_dump({**SPACE, "objective": "val_loss"}))
-    pruning = run([sys.executable, "-m", "skinlesion.tune", "--study", "prune", "--trials", "4", "--space",
-                   "loss.yaml", "--prune-warmup", "0", "-S", "train.epochs=6"], project)
-    trial = optuna.load_study(study_name="prune", storage=f"sqlite:///{project}/.optuna/studies.db").trials[3]
+    pruning = run(tune_command(4, "--study", "prune", "--prune-warmup", "0", "-S", "train.epochs=6",
+                               space="loss.yaml"), project)
+    trial = study(project, "prune").trials[3]
     assert trial.state == optuna.trial.TrialState.PRUNED, pruning.stderr
     assert trial.intermediate_values and min(trial.intermediate_values.values()) > 0, trial.intermediate_values
     assert "trial 3 pruned after epoch" in pruning.stderr
